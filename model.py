@@ -1,0 +1,507 @@
+"""The encoder: a BERT-style Transformer written out by hand.
+
+Read beside docs/transformer.md: every equation there carries a label like [eq:attention], and the one
+place in this file that computes it carries the same label in a comment.
+
+    EncoderConfig -> Embeddings -> SelfAttention + FeedForward = Block -> Encoder
+                  -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear)
+
+Layer names are our own; `HF_BERT_NAMES` near the bottom maps them to the Hugging Face BERT checkpoint
+layout in one table, so `from_hf_bert` / `save_hf_bert` are a short, explicit translation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 0         # 0 means 4 * hidden_size, as in BERT
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1               # on embeddings and on each residual branch
+    attention_dropout: float = 0.1     # on the attention probabilities
+    layer_norm_eps: float = 1e-12
+    norm: str = "post"                 # "post": BERT (LN after the residual add); "pre": LN before each branch
+    causal: bool = False               # True: each position sees only itself and the past (causal-LM)
+    attention: str = "sdpa"            # "sdpa": fused F.scaled_dot_product_attention; "math": written out
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.norm not in ("post", "pre"):
+            raise ValueError(f"norm must be 'post' or 'pre', got {self.norm!r}")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "EncoderConfig":
+        """The BERT miniatures family (Turc et al. 2019): layers / hidden / heads, intermediate = 4 x hidden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        layers, hidden, heads = PRESETS[name]
+        return cls(num_layers=layers, hidden_size=hidden, num_heads=heads, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
+           "base": (12, 768, 12)}
+
+# -----------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta over the last dim.  [eq:layernorm]
+
+    The forward is torch's fused kernel (one pass, fused backward); `layer_norm_reference` below is the
+    same equation in plain tensor ops, and tests/test_model.py checks they agree.
+    """
+
+
+def layer_norm_reference(x, gamma, beta, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, keepdim=True, unbiased=False)       # the biased variance, as BERT uses
+    return (x - mean) / torch.sqrt(var + eps) * gamma + beta
+
+
+def gelu_reference(x):
+    """GELU(x) = x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)), the exact form BERT uses.  [eq:gelu]"""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class Embeddings(nn.Module):
+    """e_t = LayerNorm(E_tok[x_t] + E_pos[t] + E_seg[s_t]), then dropout.  [eq:embeddings]"""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=None)
+        self.pos = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        self.seg = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        # a pre-LN stack normalises inside every block, so its embeddings are left un-normalised
+        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "post" else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids, token_type_ids=None):
+        B, T = input_ids.shape
+        if T > self.pos.num_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position {self.pos.num_embeddings}")
+        x = self.tok(input_ids) + self.pos.weight[:T]                    # (B, T, C) + (T, C)
+        x = x + (self.seg(token_type_ids) if token_type_ids is not None else self.seg.weight[0])
+        return self.drop(self.norm(x))
+
+
+def visible_keys(attention_mask, T, causal, device):
+    """Which keys each query may attend to: a bool mask (B or 1, 1, T or 1, T), or None for 'all'.
+
+    attention_mask: (B, T) with 1 for real tokens, 0 for padding. A query row that can see no key at all
+    (a sequence of only padding) would give softmax over an empty set = 0/0 = NaN in every dtype; such rows
+    are opened to all keys instead. Their outputs are meaningless but finite, and every loss ignores them.
+    """
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.bool()[:, None, None, :]                  # (B, 1, 1, T): key padding
+    if causal:
+        tri = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T): key j <= query i
+        mask = tri[None, None] if mask is None else mask & tri
+    if mask is not None:
+        mask = mask | ~mask.any(-1, keepdim=True)                       # no fully-masked rows, no NaN
+    return mask
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention. One fused projection makes Q, K and V in a single matmul."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)       # [W_Q; W_K; W_V]
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)          # W_O
+        self.dropout = cfg.attention_dropout
+        self.use_sdpa = cfg.attention == "sdpa"
+        # Hook for prefix tuning (peft.py): a module returning learned (K, V) prefixes of shape
+        # (nh, P, hs) that every query may attend to. None = plain attention.
+        self.prefix = None
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)                            # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.prefix is not None:
+            pk, pv = self.prefix()                                       # (nh, P, hs) each
+            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, nh, P+T, hs)
+            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            P = pk.shape[1]
+            full = torch.ones(B, 1, T if mask is None else mask.shape[2], P, dtype=torch.bool, device=x.device)
+            mask = full if mask is None else torch.cat([mask.expand(B, 1, -1, -1) if mask.shape[0] == 1 else mask, full], dim=-1)
+        p_drop = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        else:
+            # Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + M) V, M = -inf where a key is hidden  [eq:attention]
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = F.dropout(scores.softmax(dim=-1), p_drop, self.training)
+            y = probs @ v                                                # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)                           # concatenate heads: (B, T, C)
+        return self.proj(y)
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = GELU(x W_1 + b_1) W_2 + b_2, applied to each position alone.  [eq:ffn]"""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))                             # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention then feed-forward, each wrapped in dropout + residual + LayerNorm.
+
+    post-LN (BERT):  h = LN(x + Drop(Attn(x)));   y = LN(h + Drop(FFN(h)))         [eq:block-post]
+    pre-LN:          h = x + Drop(Attn(LN(x)));   y = h + Drop(FFN(LN(h)))         [eq:block-pre]
+    Pre-LN keeps an identity path from input to output, which trains stably at higher learning rates
+    without warm-up tricks (Xiong et al. 2020; Cramming uses it).
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pre_norm = cfg.norm == "pre"
+
+    def forward(self, x, mask):
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), mask))
+            return x + self.drop(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T) -> contextual hidden states (B, T, C)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else nn.Identity()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        """`embeddings`: the output of self.embed, passed in by adversarial training after it adds δ."""
+        x = self.embed(input_ids, token_type_ids) if embeddings is None else embeddings  # (B, T, C)
+        mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.final_norm(x)
+
+
+# -----------------------------------------------------------------------------------------------------
+# heads
+
+
+class LMHead(nn.Module):
+    """Language-model head shared by masked and causal LM: transform, then scores over the vocabulary.
+
+    logits = LN(GELU(h W_t + b_t)) E_tok^T + b, with the decoder weight tied to the token embedding.
+    `positions` (flat indices into B*T) runs it only where a loss is taken: for MLM that is ~15% of tokens,
+    and the (C x V) decoder is the largest matmul of a small model, so this is a large saving (MosaicBERT,
+    Cramming)."""
+
+    def __init__(self, cfg: EncoderConfig, tok_embedding: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.tok_embedding = [tok_embedding]    # a list, so the tied weight is owned (and saved) once
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden, positions=None):
+        if positions is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[positions]     # (M, C): only the selected rows
+        h = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(h, self.tok_embedding[0].weight, self.bias)      # (..., V)
+
+
+class LanguageModel(nn.Module):
+    """Encoder + LM head. Masked LM when config.causal is False, causal (next-token) LM when True."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.lm_head = LMHead(cfg, self.encoder.embed.tok)
+        self.apply(init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None):
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        return self.lm_head(hidden, positions)                            # (B, T, V) or (M, V)
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + BERT pooler + linear: one vector of scores per sequence (num_labels=1: regression)."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int = 2, classifier_dropout: float | None = None):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.encoder = Encoder(cfg)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        self.apply(init_weights)
+
+    def pool(self, hidden):
+        """pooled = tanh(W_p h_[CLS] + b_p): the first token's state, as BERT was pre-trained to use it."""
+        return torch.tanh(self.pooler(hidden[:, 0]))                     # (B, C)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)
+        return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
+
+
+def init_weights(module):
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Hugging Face BERT layout: config.json + model.safetensors (or pytorch_model.bin) + vocab.txt
+
+# ours -> theirs, with {i} the layer index. "bert." may prefix theirs (BertForMaskedLM, ...) or not (BertModel).
+HF_BERT_NAMES = {
+    "encoder.embed.tok.weight": "embeddings.word_embeddings.weight",
+    "encoder.embed.pos.weight": "embeddings.position_embeddings.weight",
+    "encoder.embed.seg.weight": "embeddings.token_type_embeddings.weight",
+    "encoder.embed.norm.weight": "embeddings.LayerNorm.weight",
+    "encoder.embed.norm.bias": "embeddings.LayerNorm.bias",
+    # qkv is split into three HF tensors; see QKV below
+    "encoder.blocks.{i}.attn.proj.weight": "encoder.layer.{i}.attention.output.dense.weight",
+    "encoder.blocks.{i}.attn.proj.bias": "encoder.layer.{i}.attention.output.dense.bias",
+    "encoder.blocks.{i}.attn_norm.weight": "encoder.layer.{i}.attention.output.LayerNorm.weight",
+    "encoder.blocks.{i}.attn_norm.bias": "encoder.layer.{i}.attention.output.LayerNorm.bias",
+    "encoder.blocks.{i}.ffn.fc1.weight": "encoder.layer.{i}.intermediate.dense.weight",
+    "encoder.blocks.{i}.ffn.fc1.bias": "encoder.layer.{i}.intermediate.dense.bias",
+    "encoder.blocks.{i}.ffn.fc2.weight": "encoder.layer.{i}.output.dense.weight",
+    "encoder.blocks.{i}.ffn.fc2.bias": "encoder.layer.{i}.output.dense.bias",
+    "encoder.blocks.{i}.ffn_norm.weight": "encoder.layer.{i}.output.LayerNorm.weight",
+    "encoder.blocks.{i}.ffn_norm.bias": "encoder.layer.{i}.output.LayerNorm.bias",
+    "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+    "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+    "lm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "lm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "lm_head.bias": "cls.predictions.bias",
+    "pooler.weight": "pooler.dense.weight",
+    "pooler.bias": "pooler.dense.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+    # plainbert extension for pre-LN stacks (Hugging Face BERT has no final norm)
+    "encoder.final_norm.weight": "plainbert.final_norm.weight",
+    "encoder.final_norm.bias": "plainbert.final_norm.bias",
+}
+QKV = ("encoder.blocks.{i}.attn.qkv.{p}", "encoder.layer.{i}.attention.self.{part}.{p}")
+# keys a BERT checkpoint may hold that we knowingly do not use
+HF_IGNORED = re.compile(r"(embeddings\.position_ids|cls\.predictions\.decoder\.weight|cls\.seq_relationship\..*)$")
+HF_HEADS = ("cls.predictions", "pooler.dense", "classifier")  # task heads a checkpoint may carry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the file and the offending keys."""
+
+
+def _hf_name(ours: str) -> str:
+    m = re.match(r"encoder\.blocks\.(\d+)\.(.*)", ours)
+    if m:
+        return HF_BERT_NAMES["encoder.blocks.{i}." + m.group(2)].replace("{i}", m.group(1))
+    return HF_BERT_NAMES[ours]
+
+
+def to_hf_state_dict(model: nn.Module) -> dict:
+    out = {}
+    prefix = "encoder." if isinstance(model, Encoder) else ""
+    for name, t in model.state_dict().items():
+        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Identity):
+            continue
+        name = prefix + name
+        m = re.match(r"encoder\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+        if m:
+            for part, chunk in zip(("query", "key", "value"), t.chunk(3, dim=0)):
+                out[QKV[1].format(i=m.group(1), part=part, p=m.group(2))] = chunk.contiguous()
+        else:
+            out[_hf_name(name)] = t.contiguous()
+    if "cls.predictions.bias" in out:   # tied decoder, written out so that any BERT reader finds it
+        out["cls.predictions.decoder.weight"] = out["embeddings.word_embeddings.weight"]
+    return out
+
+
+def hf_config(cfg: EncoderConfig) -> dict:
+    return {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
+            "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
+            "pad_token_id": cfg.pad_id, "is_decoder": cfg.causal, "plainbert_norm": cfg.norm}
+
+
+def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderConfig:
+    if d.get("model_type", "bert") not in ("bert",):
+        raise CheckpointError(f"{path}: model_type {d['model_type']!r} is not a BERT checkpoint")
+    if d.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{path}: hidden_act {d['hidden_act']!r} is not supported (expected 'gelu')")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{path}: position_embedding_type {d['position_embedding_type']!r} is not supported")
+    try:
+        kw = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+                  num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
+                  max_position=d["max_position_embeddings"], type_vocab_size=d.get("type_vocab_size", 2),
+                  dropout=d.get("hidden_dropout_prob", 0.1),
+                  attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+                  layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_id=d.get("pad_token_id") or 0,
+                  causal=bool(d.get("is_decoder", False)), norm=d.get("plainbert_norm", "post"))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
+    kw.update(overrides)
+    return EncoderConfig(**kw)
+
+
+def read_hf_weights(path: str) -> dict:
+    """Tensors from model.safetensors, else pytorch_model.bin read with weights_only=True (no pickled code)."""
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+            return load_file(st)
+        if os.path.exists(pt):
+            return torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated file, bad header, pickled objects, ...
+        raise CheckpointError(f"{st if os.path.exists(st) else pt}: cannot read weights ({e})") from None
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin found")
+
+
+def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **config_overrides) -> nn.Module:
+    """Load a BERT-layout folder. head: "mlm"/"clm" -> LanguageModel, "classifier" -> SequenceClassifier,
+    None -> bare Encoder. The encoder must be complete; an MLM head must be present for "mlm"; the pooler
+    and classifier are taken when present (and shaped right), else freshly initialised."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"{path}: no config.json (expected a BERT-layout folder: config.json, "
+                              "model.safetensors or pytorch_model.bin, vocab.txt)")
+    with open(cfg_file) as f:
+        try:
+            cfg = config_from_hf(json.load(f), cfg_file, **config_overrides)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if head == "clm":
+        cfg = replace(cfg, causal=True)
+    model = {"mlm": LanguageModel, "clm": LanguageModel, None: Encoder}.get(head)
+    model = SequenceClassifier(cfg, num_labels) if head == "classifier" else model(cfg) if model else None
+    if model is None:
+        raise ValueError(f"head must be 'mlm', 'clm', 'classifier' or None, got {head!r}")
+    theirs = {re.sub(r"^bert\.", "", k): v for k, v in read_hf_weights(path).items()}
+    prefix = "encoder." if head is None else ""
+    ours = model.state_dict()
+    wanted = {}
+    for name in ours:
+        full = prefix + name
+        m = re.match(r"encoder\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", full)
+        if m:
+            parts = [QKV[1].format(i=m.group(1), part=p, p=m.group(2)) for p in ("query", "key", "value")]
+            if all(p in theirs for p in parts):
+                wanted[name] = torch.cat([theirs.pop(p) for p in parts], dim=0)
+            continue
+        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Identity):
+            continue
+        hf = _hf_name(full)
+        if hf in theirs:
+            wanted[name] = theirs.pop(hf)
+    optional = ("pooler.", "classifier.")
+    missing = [n for n in ours if n not in wanted and not n.startswith(optional)
+               and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Identity)]
+    if missing:
+        names = [_hf_name(prefix + n) if ".qkv." not in n else n for n in missing]
+        hint = " (it has no MLM head: load it with head='classifier' or None)" if any(
+            n.startswith("lm_head") for n in missing) else ""
+        raise CheckpointError(f"{path}: the checkpoint lacks {', '.join(names[:8])}{hint}")
+    # Heads this model does not have (a pooler when loading an LM, an MLM head when loading a classifier)
+    # are dropped knowingly; anything else left over means the checkpoint is not what we think it is.
+    leftover = sorted(k for k in theirs if not HF_IGNORED.search(k) and not k.startswith(HF_HEADS))
+    if leftover:
+        raise CheckpointError(f"{path}: unexpected keys in the checkpoint: {', '.join(leftover[:8])}"
+                              + (" ..." if len(leftover) > 8 else ""))
+    for name, t in list(wanted.items()):
+        if t.shape != ours[name].shape:
+            if name.startswith("classifier."):   # a head for another label count: start it afresh
+                del wanted[name]
+                continue
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} in the checkpoint, "
+                                  f"the config says {tuple(ours[name].shape)}")
+    model.load_state_dict(wanted, strict=False)
+    return model
+
+
+def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ the tokenizer) in the BERT layout, atomically per file."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = hf_config(model.config)
+    if isinstance(model, SequenceClassifier):
+        cfg["architectures"], cfg["num_labels"] = ["BertForSequenceClassification"], model.num_labels
+    tensors = {("bert." + k if not k.startswith(("cls.", "classifier.")) else k): v.detach().cpu()
+               for k, v in to_hf_state_dict(model).items()}
+    if "cls.predictions.decoder.weight" in tensors:   # safetensors refuses shared memory: store a copy
+        tensors["cls.predictions.decoder.weight"] = tensors["cls.predictions.decoder.weight"].clone()
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    tmp = os.path.join(path, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(path, "config.json"))
+    if tokenizer is not None:
+        tokenizer.save(path)

