@@ -68,3 +68,199 @@ def mse(predictions, targets, reduction="mean"):
     p = _at_least_fp32(predictions)
     per_item = (p - targets.to(p.dtype)) ** 2
     return _reduce(per_item, reduction)
+
+
+# -----------------------------------------------------------------------------------------------------
+# fine-tuning: R-Drop and contrastive losses (docs/finetuning.md)
+
+
+def symmetric_kl(logits_a, logits_b, reduction="sum"):
+    """R-Drop (Liang et al. 2021): the same batch run twice (two dropout masks), p and q its two predictions.
+
+    1/2 [KL(p||q) + KL(q||p)] = 1/2 sum_k (p_k - q_k)(log p_k - log q_k), per row   [eq:symmetric-kl]
+    Gradients flow into both passes, as in the paper.
+    """
+    log_p, log_q = log_softmax(_at_least_fp32(logits_a)), log_softmax(_at_least_fp32(logits_b))   # (N, K)
+    per_row = 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)
+    return _reduce(per_row, reduction)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered rows over ranks and keeps this rank's.
+
+    Putting only the local tensor back into an all_gather lets each rank backpropagate its own loss into its
+    rows, but drops what the other ranks' losses say about them (they used those rows as negatives). Summing
+    over ranks gives the exact gradient of the total loss; the forward is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, z, sizes, offset):
+        import torch.distributed as dist
+        padded = torch.zeros(max(sizes), *z.shape[1:], dtype=z.dtype, device=z.device)
+        padded[: len(z)] = z
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.span = (offset, offset + len(z))
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])          # (sum of sizes, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        dist.all_reduce(grad)                                                  # every rank's loss, summed
+        return grad[ctx.span[0]: ctx.span[1]], None, None
+
+
+def gather_with_grad(z):
+    """(rows of every rank concatenated in rank order, where this rank's rows start). Gradients flow back
+    into the local rows. Without torch.distributed (or with one rank): (z, 0). Ranks may hold different
+    numbers of rows."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    size = torch.tensor([len(z)], device=z.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    offset = sum(sizes[: dist.get_rank()])
+    return _GatherWithGrad.apply(z, sizes, offset), offset
+
+
+def info_nce(z1, z2, temperature=0.05, reduction="sum"):
+    """InfoNCE with in-batch negatives, as in SimCSE (Gao et al. 2021). z1, z2: (N, D), row i of z1 and
+    row i of z2 are two views of one sentence; every other row of z2 (on every rank) is a negative.
+
+    l_i = -log( exp(cos(z1_i, z2_i) / tau) / sum_j exp(cos(z1_i, z2_j) / tau) )   [eq:info-nce]
+    That is cross-entropy over the similarity matrix with the diagonal as the targets.
+    """
+    z1 = torch.nn.functional.normalize(_at_least_fp32(z1), dim=-1)
+    z2 = torch.nn.functional.normalize(_at_least_fp32(z2), dim=-1)
+    z2, offset = gather_with_grad(z2)                                          # (N_all, D)
+    sim = z1 @ z2.T / temperature                                              # (N, N_all) cosines / tau
+    targets = torch.arange(len(z1), device=z1.device) + offset
+    return cross_entropy(sim, targets, reduction=reduction)
+
+
+def supervised_contrastive(z, labels, temperature=0.1, reduction="sum"):
+    """Supervised contrastive loss (Khosla et al. 2020, the L_out form). z: (N, D), labels: (N,).
+    For anchor i, A(i) = every other row, P(i) = the rows of A(i) with its label, s = cosine similarity:
+
+    l_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip / tau) / sum_{a in A(i)} exp(s_ia / tau) )   [eq:supcon]
+    Anchors without a positive are skipped: 0 in "none", not counted by "mean".
+    """
+    z = torch.nn.functional.normalize(_at_least_fp32(z), dim=-1)
+    itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    # the anchor is no candidate of its own: the lowest finite value (not -inf, which gives NaN when N = 1)
+    sim = (z @ z.T / temperature).masked_fill(itself, torch.finfo(z.dtype).min)   # (N, N)
+    log_prob = log_softmax(sim)                                                # over A(i), row by row
+    positive = (labels[:, None] == labels[None, :]) & ~itself                  # (N, N)
+    n_pos = positive.sum(dim=-1)
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=-1) / n_pos.clamp(min=1)
+    return _reduce(per_anchor, reduction, count=int((n_pos > 0).sum()))
+
+
+# -----------------------------------------------------------------------------------------------------
+# adversarial training on the embedding output (FGM: Miyato et al. 2017; PGD: Madry et al. 2018;
+# FreeLB: Zhu et al. 2020). These take the model: the perturbation follows the loss's gradient with
+# respect to the embeddings. They call no .backward(): gradients with respect to delta come from
+# torch.autograd.grad, and the parameter gradients from the returned loss, when the trainer backpropagates it.
+
+ADVERSARIAL_METHODS = ("fgm", "pgd", "freelb")
+
+
+def _norm_per_example(x):
+    return x.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1)           # (B, 1, 1): over (T, C)
+
+
+def _project(delta, eps):
+    """Pull each example's delta back onto the ball ||delta||_2 <= eps when it left it."""
+    return delta * (eps / _norm_per_example(delta)).clamp(max=1.0)
+
+
+def _ascent_direction(loss, delta, mask, retain_graph=False):
+    """g / ||g||_2 per example, g = d loss / d delta, zero on padding."""
+    (g,) = torch.autograd.grad(loss, delta, retain_graph=retain_graph)
+    g = g * mask
+    return g / _norm_per_example(g)
+
+
+def _random_start(embeds, mask, eps):
+    """A random direction at a uniformly drawn radius in [0, eps), zero on padding."""
+    d = torch.randn_like(embeds) * mask
+    return d / _norm_per_example(d) * eps * torch.rand(len(d), 1, 1, device=d.device, dtype=d.dtype)
+
+
+def _embed(model, batch):
+    """(unwrapped model, embedding output (B, T, C), real-token mask (B, T, 1))."""
+    from trainer import unwrap            # here, so that losses.py imports without the training loop
+    net = unwrap(model)
+    embeds = net.encoder.embed(batch["input_ids"], batch.get("token_type_ids"))
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+    return net, embeds, mask[:, :, None].to(embeds.dtype)
+
+
+def _logits(model, batch, embeddings):
+    return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), embeddings=embeddings)
+
+
+def _check_attack(method, eps, steps):
+    if method not in ADVERSARIAL_METHODS:
+        raise ValueError(f"adversarial method must be one of {', '.join(ADVERSARIAL_METHODS)}, got {method!r}")
+    if not eps > 0 or int(steps) < 1:
+        raise ValueError(f"adversarial eps must be > 0 and steps >= 1, got eps={eps}, steps={steps}")
+
+
+def _pgd(net, batch, embeds, mask, loss_of_logits, eps, alpha, steps):
+    """K steps of normalised gradient ascent from a random start, each projected back onto the eps-ball."""
+    delta = _random_start(embeds, mask, eps)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = loss_of_logits(_logits(net, batch, embeds + delta))
+        # delta <- Proj_{||delta|| <= eps}(delta + alpha g / ||g||_2), per example  [eq:pgd]
+        delta = _project(delta.detach() + alpha * _ascent_direction(loss, delta, mask), eps)
+    return delta.detach()
+
+
+def adversarial_loss(model, batch, loss_of_logits, method="fgm", eps=1e-2, alpha=None, steps=3):
+    """Clean loss + loss under a worst-case perturbation delta of the embedding output, ||delta||_2 <= eps
+    per example over (T, C), delta = 0 on padding. `model`: a SequenceClassifier, possibly wrapped by DDP or
+    torch.compile; `loss_of_logits(logits)` -> summed loss. alpha (the ascent step) defaults to 2.5 eps / K.
+
+    fgm: one step to the ball's surface along the gradient. pgd: K projected steps from a random start, loss
+    at the last delta. freelb: K projected steps, the mean of the K losses met on the way.
+    """
+    _check_attack(method, eps, steps)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    net, embeds, mask = _embed(model, batch)                                   # embeds keeps its graph
+    # the clean pass goes through the wrapper once: DDP arms its gradient all-reduce in forward. FGM takes
+    # its gradient at a zero delta, which requires grad even when the embeddings are frozen (PEFT).
+    zero = torch.zeros_like(embeds, requires_grad=method == "fgm")
+    clean = loss_of_logits(_logits(model, batch, embeds + zero))
+    if method == "fgm":
+        # delta = eps g / ||g||_2 per example, g = d L / d e at the clean embeddings  [eq:fgm]
+        delta = eps * _ascent_direction(clean, zero, mask, retain_graph=True)
+        return clean + loss_of_logits(_logits(net, batch, embeds + delta))
+    if method == "pgd":
+        delta = _pgd(net, batch, embeds.detach(), mask, loss_of_logits, eps, alpha, steps)
+        return clean + loss_of_logits(_logits(net, batch, embeds + delta))
+    delta, adv = _random_start(embeds.detach(), mask, eps), 0.0
+    for k in range(steps):
+        delta.requires_grad_(True)
+        step_loss = loss_of_logits(_logits(net, batch, embeds + delta))
+        # L_adv = (1/K) sum_k L(e + delta_k): every step's parameter gradient counts  [eq:freelb]
+        adv = adv + step_loss / steps
+        if k < steps - 1:                   # the same update as pgd; the last one would go unused
+            delta = _project(delta.detach() + alpha * _ascent_direction(step_loss, delta, mask, True), eps)
+    return clean + adv
+
+
+def pgd_attack(model, batch, loss_of_logits, eps, alpha=None, steps=10):
+    """Embeddings perturbed by a K-step PGD attack, detached: (B, T, C), for robust accuracy with
+    model(..., embeddings=...). Runs under an evaluation's torch.no_grad too; parameter .grad is untouched."""
+    _check_attack("pgd", eps, steps)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    with torch.enable_grad():
+        net, embeds, mask = _embed(model, batch)
+        embeds = embeds.detach()
+        return embeds + _pgd(net, batch, embeds, mask, loss_of_logits, eps, alpha, steps)
