@@ -39,3 +39,8 @@ def minilm_dir() -> pathlib.Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+import sys  # noqa: E402  the project's flat modules import from the repo root, wherever pytest is started
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

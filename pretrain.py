@@ -1,0 +1,288 @@
+"""Pre-train an encoder from scratch: masked-LM (BERT) or causal-LM, on token shards made by data/prepare.py.
+
+    python pretrain.py                                   # tiny model on a corpus every Python has (pydoc_data)
+    python pretrain.py --data data/wiki --model mini --max-steps 20000 --grad-accum 4
+    torchrun --nproc_per_node=8 pretrain.py --data data/wiki --model base --amp bf16 --compile
+
+Read beside docs/pretraining.md. This file owns the data side (windows from the memmapped token stream,
+BERT masking) and the loss; the loop itself (accumulation, AMP, DDP, checkpoints) is trainer.train.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import losses
+import trainer
+from model import PRESETS, EncoderConfig, LanguageModel, save_hf_bert
+
+# -----------------------------------------------------------------------------------------------------
+# token shards: train.bin / val.bin are flat token streams, one [SEP] after every document
+
+
+class Shards:
+    """A prepared folder (data/prepare.py): meta.json, train.bin, val.bin, tokenizer.model."""
+
+    def __init__(self, folder: str, need_train: bool = True):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--data {folder}: no such folder (make one with: python data/prepare.py "
+                             f"--input <text files or folders> --out {folder})")
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"--data {folder}: no meta.json, so it is not a prepared folder (make one with: "
+                             f"python data/prepare.py --input <text files or folders> --out {folder})")
+        with open(meta_path) as f:
+            self.meta = meta = json.load(f)
+        self.folder = folder
+        self.dtype = np.dtype(meta["dtype"])
+        self.vocab_size = int(meta["vocab_size"])
+        self.tokenizer_path = os.path.join(folder, meta.get("tokenizer", "tokenizer.model"))
+        self.train = self._open("train.bin", meta.get("train_tokens", 0)) if need_train else None
+        self.val = self._open("val.bin", meta.get("val_tokens", 0))
+
+    def _open(self, name: str, expected_tokens: int):
+        path = os.path.join(self.folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: missing or empty token shard (re-run data/prepare.py)")
+        size = os.path.getsize(path)
+        if size % self.dtype.itemsize or size // self.dtype.itemsize != expected_tokens:
+            raise ValueError(f"{path}: {size} bytes is not {expected_tokens} tokens of {self.dtype} as meta.json "
+                             "says (a shard from another preparation?)")
+        arr = np.memmap(path, dtype=self.dtype, mode="r")
+        top = int(arr.max())
+        if top >= self.vocab_size:
+            raise ValueError(f"{path}: holds token id {top} but meta.json's vocab_size is {self.vocab_size} "
+                             "(shards and tokenizer disagree)")
+        return arr
+
+
+def mask_tokens(tokens, generator, vocab_size, special_ids, mask_id, rate=0.15):
+    """BERT masking. Each eligible (non-special) token is chosen with probability `rate`; a chosen token is
+    replaced by [MASK] 80% of the time, by a random token 10%, and kept 10% (so the model cannot tell
+    which tokens to predict from the input alone). Labels are the original ids at chosen positions,
+    -100 (ignored) elsewhere.  [eq:mlm-mask]"""
+    specials = torch.tensor(sorted(special_ids), dtype=tokens.dtype)
+    eligible = ~torch.isin(tokens, specials)
+    chosen = (torch.rand(tokens.shape, generator=generator) < rate) & eligible
+    how = torch.rand(tokens.shape, generator=generator)
+    first_regular = max(special_ids) + 1 if max(special_ids) < 16 else 0   # SentencePiece: specials are 0..4
+    random_ids = torch.randint(first_regular, vocab_size, tokens.shape, generator=generator, dtype=tokens.dtype)
+    inputs = torch.where(chosen & (how < 0.8), torch.full_like(tokens, mask_id), tokens)
+    inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+    labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))
+    return inputs, labels
+
+
+class PretrainData:
+    """Micro-batches of `seq_len` windows from the stream: [CLS] + the tokens that follow a random offset.
+
+    micro_batch(step, index) is a pure function of its arguments (its random generator is seeded by them),
+    so resuming at step s sees exactly the batches an uninterrupted run would, and micro-batch `index` of a
+    step is the same whether it runs as rank 1 of 2 or as accumulation step 2 of 1 rank. Different ranks
+    get different indices, so their data is disjoint.
+    """
+
+    def __init__(self, stream, args, special_ids, cls_id, mask_id, vocab_size):
+        self.stream, self.args = stream, args
+        self.special_ids, self.cls_id, self.mask_id, self.vocab_size = special_ids, cls_id, mask_id, vocab_size
+        self.body = args.seq_len - 1 + (args.objective == "clm")   # CLM reads one more token: the last target
+        if len(stream) <= self.body:
+            raise ValueError(f"--seq-len {args.seq_len}: the token stream has only {len(stream)} tokens")
+
+    def window(self, start: int) -> torch.Tensor:
+        body = torch.from_numpy(self.stream[start:start + self.body].astype(np.int64))
+        return torch.cat([torch.tensor([self.cls_id]), body])
+
+    def make_batch(self, starts, generator):
+        tokens = torch.stack([self.window(int(s)) for s in starts])            # (B, T) or (B, T+1)
+        if self.args.objective == "clm":
+            inputs, labels = tokens[:, :-1], tokens[:, 1:]                     # predict the next token
+        else:
+            inputs, labels = mask_tokens(tokens, generator, self.vocab_size, self.special_ids, self.mask_id,
+                                         self.args.mask_rate)
+        return {"input_ids": inputs, "labels": labels, "num_targets": int((labels != -100).sum()),
+                "num_tokens": inputs.numel()}
+
+    def micro_batch(self, step: int, index: int):
+        g = torch.Generator().manual_seed((self.args.seed << 40) ^ (step << 12) ^ index)
+        starts = torch.randint(0, len(self.stream) - self.body, (self.args.batch_size,), generator=g)
+        return self.make_batch(starts, g)
+
+    def eval_batches(self, n_batches: int, rank: int, world: int):
+        """Fixed, non-overlapping windows from the start of the stream, masked with a fixed seed."""
+        n = min(n_batches * self.args.batch_size, (len(self.stream) - 1) // self.body)
+        starts = torch.arange(n) * self.body
+        g = torch.Generator().manual_seed(self.args.seed + 12345)
+        batches = [self.make_batch(starts[i:i + self.args.batch_size], g) for i in range(0, n, self.args.batch_size)]
+        return batches[rank::world]
+
+
+# -----------------------------------------------------------------------------------------------------
+# the objective
+
+
+def lm_loss(model, batch):
+    """Summed cross-entropy over the real targets. For MLM the head runs only on the masked positions."""
+    labels = batch["labels"].reshape(-1)
+    if batch.get("causal"):
+        logits = model(batch["input_ids"])                                     # (B, T, V)
+        return losses.cross_entropy(logits.reshape(labels.numel(), -1), labels, reduction="sum")
+    positions = (labels != -100).nonzero().squeeze(1)                          # (M,) flat indices
+    logits = model(batch["input_ids"], positions=positions)                   # (M, V)
+    return losses.cross_entropy(logits, labels[positions], reduction="sum")
+
+
+def evaluate(model, batches, dist_env, prefix=""):
+    """Loss per target, perplexity exp(loss) and accuracy of the argmax, summed over all ranks.
+
+    Perplexity = exp(mean negative log-likelihood per target token).  [eq:perplexity]
+    For MLM it is the perplexity of the masked tokens given the rest, which is lower than a left-to-right
+    perplexity and not comparable with it."""
+    dev = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=dev)                   # loss sum, targets, correct
+    for batch in batches:
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch["labels"].reshape(-1)
+        positions = (labels != -100).nonzero().squeeze(1)
+        if batch.get("causal"):
+            logits = model(batch["input_ids"]).reshape(labels.numel(), -1)[positions]
+        else:
+            logits = model(batch["input_ids"], positions=positions)
+        targets = labels[positions]
+        totals += torch.stack([losses.cross_entropy(logits, targets, reduction="sum").double(),
+                               torch.tensor(float(targets.numel()), device=dev, dtype=torch.float64),
+                               (logits.argmax(-1) == targets).sum().double()])
+    dist_env.all_reduce_sum(totals)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50)), f"{prefix}accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, new_tokens=40, temperature=0.8, top_k=40, generator=None):
+    """Continue a prompt with a causal LM: sample from the top-k of softmax(logits / temperature)."""
+    ids = torch.tensor([prompt_ids])
+    max_len = model.config.max_position
+    for _ in range(new_tokens):
+        logits = model(ids[:, -max_len:])[0, -1] / temperature                # (V,)
+        top = torch.topk(logits, top_k)
+        choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
+        ids = torch.cat([ids, top.indices[choice].view(1, 1)], dim=1)
+    return tokenizer.decode(ids[0, len(prompt_ids):].tolist())
+
+
+# -----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="prepared folder from data/prepare.py (default: build data/pydoc "
+                   "from the Python documentation shipped with every Python)")
+    p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
+                   "val.bin is evaluated too, e.g. WikiText test prepared with --val-only")
+    p.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="masked or causal language modelling")
+    p.add_argument("--model", choices=list(PRESETS), default="tiny", help="size preset (BERT miniatures)")
+    p.add_argument("--norm", choices=["post", "pre"], default="post", help="LayerNorm placement")
+    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
+    trainer.add_training_args(p, out="out/pretrain", max_steps=2000, batch_size=32, lr=1e-3, warmup=0.05,
+                              eval_every=250, save_every=500)
+    args = p.parse_args(argv)
+    if not 0 < args.mask_rate < 1:
+        trainer.fail(f"--mask-rate {args.mask_rate}: expected a fraction between 0 and 1")
+    if args.seq_len < 2:
+        trainer.fail(f"--seq-len {args.seq_len}: expected at least 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist_env = trainer.Dist(args.device)
+    try:
+        return run(args, dist_env)
+    except (ValueError, FileNotFoundError) as e:      # bad input: one line, no traceback
+        trainer.fail(str(e))
+    finally:
+        dist_env.close()
+
+
+def run(args, dist_env):
+    from tokenizer import load_tokenizer
+    if args.data is None:                   # the embedded default: stdlib docs, prepared once by rank 0
+        from data.prepare import ensure_default_dataset
+        if dist_env.is_main:
+            ensure_default_dataset("data/pydoc")
+        dist_env.barrier()
+        args.data = "data/pydoc"
+    shards = Shards(args.data)
+    tok = load_tokenizer(shards.tokenizer_path)
+    if tok.vocab_size != shards.vocab_size:
+        raise ValueError(f"--data {args.data}: meta.json says vocab_size {shards.vocab_size} but "
+                         f"{shards.tokenizer_path} has {tok.vocab_size} pieces (shards from another tokenizer?)")
+    cfg = EncoderConfig.preset(args.model, vocab_size=tok.vocab_size, norm=args.norm, causal=args.objective == "clm",
+                               attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout,
+                               pad_id=tok.pad_id)
+    if args.seq_len > cfg.max_position:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max positions ({cfg.max_position})")
+    specials = {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id}
+    make = lambda stream: PretrainData(stream, args, specials, tok.cls_id, tok.mask_id, tok.vocab_size)
+    train_data, val_data = make(shards.train), make(shards.val)
+    causal = args.objective == "clm"
+    eval_sets = [("", val_data)]
+    for folder in args.eval_data:
+        extra = Shards(folder, need_train=False)
+        if extra.vocab_size != shards.vocab_size:
+            raise ValueError(f"--eval-data {folder}: vocab_size {extra.vocab_size} differs from --data's {shards.vocab_size}")
+        eval_sets.append((os.path.basename(os.path.normpath(folder)) + "/", make(extra.val)))
+    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.rank, dist_env.world_size)])
+                    for prefix, d in eval_sets]
+
+    class Data:   # the training stream, tagged with the objective for lm_loss
+        def micro_batch(self, step, index):
+            return dict(train_data.micro_batch(step, index), causal=causal)
+
+    torch.manual_seed(args.seed)
+    model = LanguageModel(cfg)
+    if args.resume:
+        ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
+        saved = trainer.load_checkpoint(ckpt_path).get("model_config")
+        if saved is not None and saved != cfg.to_dict():
+            raise ValueError(f"--resume {ckpt_path}: it was trained with another model config "
+                             f"({', '.join(k for k in saved if saved[k] != cfg.to_dict().get(k))} differ)")
+    if dist_env.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{args.objective} pre-training: {args.model} model, {n / 1e6:.2f}M parameters, "
+              f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}")
+
+    def eval_fn(m):
+        out = {}
+        for prefix, batches in eval_batches:
+            out.update(evaluate(m, batches, dist_env, prefix))
+        return out
+
+    def on_save(m):
+        save_hf_bert(m, args.out, tok)
+
+    result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
+                           extra_state={"model_config": cfg.to_dict()})
+    if dist_env.is_main and causal and args.sample and not result["preempted"]:
+        g = torch.Generator().manual_seed(args.seed)
+        model.eval().cpu()
+        for b in eval_batches[0][1][:1]:
+            for row in b["input_ids"][: args.sample]:
+                prompt = row[:16].tolist()
+                print(f"--- {tok.decode(prompt)!r} ->\n{sample(model, tok, prompt, generator=g)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""pretrain.py + trainer.py as a specification: masking statistics, DDP equals gradient accumulation, exact
+resume, atomic checkpoints, AMP, pre-emption, bad input, and loss that falls on the real corpora."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+import trainer
+from conftest import ROOT, require_data
+
+TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--log-every", "1",
+        "--eval-batches", "2", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small prepared folder made from real text: one Wikipedia file, one Gutenberg book, WikiText valid."""
+    from data.prepare import prepare
+    out = tmp_path_factory.mktemp("corpus")
+    prepare([str(require_data("wiki", "text", "AA", "wiki_00.xz")),
+             str(require_data("books", "twain__the-adventures-of-tom-sawyer.txt.xz"))],
+            str(out / "data"), vocab_size=2000, val_fraction=0.05, quiet=True, workers=1)
+    prepare([str(require_data("wikitext", "wiki.valid.raw"))], str(out / "wikitext"), val_only=True,
+            tokenizer=str(out / "data" / "tokenizer.model"), quiet=True, workers=1)
+    return out
+
+
+def run_cli(args, env_extra=None, torchrun=0, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+               f"--master_port={free_port()}", str(ROOT / "pretrain.py"), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "pretrain.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def params(out_dir):
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)["model"]
+
+
+def log_lines(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------------------------------
+# masking
+
+
+def test_mlm_mask_ratio_80_10_10():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 1000, (64, 512), generator=g)
+    tokens[:, 0], tokens[:, 100], tokens[:, -1] = 2, 3, 0                  # [CLS], [SEP], [PAD]
+    inputs, labels = pretrain.mask_tokens(tokens, g, 1000, {0, 1, 2, 3, 4}, mask_id=4, rate=0.15)
+    eligible = tokens >= 5
+    chosen = labels != -100
+    assert abs(chosen.sum() / eligible.sum() - 0.15) < 0.01
+    n = chosen.sum().item()
+    as_mask = (inputs[chosen] == 4).sum().item() / n
+    kept = (inputs[chosen] == tokens[chosen]).sum().item() / n
+    assert abs(as_mask - 0.8) < 0.02
+    assert abs(kept - 0.1) < 0.02 + 0.001                               # random can also hit the same id
+    assert abs(1 - as_mask - kept - 0.1) < 0.02
+    assert not chosen[~eligible].any(), "special tokens must never be masked"
+    assert torch.equal(labels[chosen], tokens[chosen])
+    assert torch.equal(inputs[~chosen], tokens[~chosen])
+    assert (inputs[chosen] >= 4).all(), "random replacements are never [PAD]/[UNK]/[CLS]/[SEP]"
+
+
+def test_micro_batch_is_a_pure_function_of_step_and_index(corpus):
+    args = pretrain.parse_args(["--data", str(corpus / "data"), *TINY])
+    shards = pretrain.Shards(args.data)
+    data = pretrain.PretrainData(shards.train, args, {0, 1, 2, 3, 4}, 2, 4, shards.vocab_size)
+    a, b = data.micro_batch(7, 1), data.micro_batch(7, 1)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["input_ids"], data.micro_batch(7, 0)["input_ids"])
+    assert (a["input_ids"][:, 0] == 2).all()                              # every window starts with [CLS]
+
+
+# -----------------------------------------------------------------------------------------------------
+# the loop: DDP == accumulation, resume, checkpoints, AMP
+
+
+def test_ddp_two_ranks_equals_grad_accum_two(corpus, tmp_path):
+    """MLM micro-batches hold different numbers of masked tokens; normalising by the global count makes
+    2 ranks x 1 micro-batch and 1 rank x 2 micro-batches the same optimisation, to float rounding."""
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "4", "--eval-every", "0", "--save-every", "0"]
+    one = run_cli([*common, "--out", str(tmp_path / "accum"), "--grad-accum", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli([*common, "--out", str(tmp_path / "ddp"), "--grad-accum", "1"], torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = params(tmp_path / "accum"), params(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+    # the counts really differed between micro-batches, or this test would prove nothing
+    args = pretrain.parse_args(common)
+    shards = pretrain.Shards(args.data)
+    data = pretrain.PretrainData(shards.train, args, {0, 1, 2, 3, 4}, 2, 4, shards.vocab_size)
+    assert data.micro_batch(0, 0)["num_targets"] != data.micro_batch(0, 1)["num_targets"]
+    losses_a = [r["loss"] for r in log_lines(tmp_path / "accum") if "loss" in r]
+    losses_b = [r["loss"] for r in log_lines(tmp_path / "ddp") if "loss" in r]
+    assert np.allclose(losses_a, losses_b, atol=1e-5)
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "20", "--eval-every", "5", "--save-every", "0",
+              "--dropout", "0.1"]
+    straight = pretrain.main([*common, "--out", str(tmp_path / "straight")])
+    assert pretrain.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "10"])["preempted"]
+    pretrain.main([*common, "--out", str(tmp_path / "split"), "--resume"])
+    a, b = params(tmp_path / "straight"), params(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a), "parameters differ after resume"
+    assert log_lines(tmp_path / "straight") == log_lines(tmp_path / "split") or \
+        [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log_lines(tmp_path / "straight")] == \
+        [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log_lines(tmp_path / "split")]
+    assert straight["step"] == 20
+
+
+def test_half_written_checkpoint_never_replaces_the_last_good_one(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    pretrain.main(["--data", str(corpus / "data"), *TINY, "--max-steps", "3", "--out", str(out), "--eval-every", "0"])
+    good = params(out)
+
+    real_save = torch.save
+
+    def crash_midway(obj, path, *a, **k):          # write half a file, then die as a killed process would
+        real_save(obj, path, *a, **k)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise KeyboardInterrupt("simulated crash during save")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.atomic_save({"model": {}}, str(out / "checkpoint.pt"))
+    monkeypatch.undo()
+    after = params(out)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+
+
+def test_bf16_autocast_trains_on_cpu(corpus, tmp_path):
+    result = pretrain.main(["--data", str(corpus / "data"), *TINY, "--max-steps", "30", "--amp", "bf16",
+                            "--out", str(tmp_path / "bf16"), "--eval-every", "0", "--lr", "2e-3"])
+    losses = [r["loss"] for r in log_lines(tmp_path / "bf16") if "loss" in r]
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert result["step"] == 30
+
+
+def test_fp16_scaler_skips_steps_with_inf_gradients(tmp_path):
+    """The scaler unscales gradients, finds inf, skips the optimizer step, halves the scale, counts it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+
+    class Data:
+        def micro_batch(self, step, index):
+            x = torch.randn(8, 4)
+            if step == 2:
+                x[0, 0] = float("inf")                       # poisons every gradient of this step
+            return {"x": x, "num_targets": 8, "num_tokens": 8}
+
+    before = {}
+
+    def loss_fn(m, batch):
+        return (m(batch["x"]) ** 2).sum()
+
+    def snapshot(m):
+        before[len(before)] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    args = pretrain.parse_args(["--out", str(tmp_path), "--max-steps", "4", "--amp", "fp16", "--no-progress",
+                                "--save-every", "1", "--eval-every", "0", "--log-every", "1"])
+    result = trainer.train(model, loss_fn, Data(), args, trainer.Dist("cpu"), on_save=snapshot)
+    logs = log_lines(tmp_path)
+    skipped = [r["skipped_steps"] for r in logs]
+    assert skipped[2] == skipped[1] + 1 and skipped[3] == skipped[2]   # (step 1 may also skip: scale calibration)
+    assert all(torch.equal(before[1][k], before[2][k]) for k in before[1]), "the inf step must not move weights"
+    assert not torch.equal(before[2]["weight"], before[3]["weight"])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert result["step"] == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "--data", str(corpus / "data"), *TINY,
+                             "--max-steps", "100000", "--out", str(out), "--eval-every", "0", "--save-every", "0"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "continue with --resume" in stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["step"] < 100000
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_torchrun_two_ranks_end_to_end_with_clm_and_export(corpus, tmp_path):
+    out = tmp_path / "clm"
+    res = run_cli(["--data", str(corpus / "data"), "--eval-data", str(corpus / "wikitext"), *TINY,
+                   "--objective", "clm", "--max-steps", "30", "--out", str(out), "--eval-every", "15",
+                   "--sample", "2"], torchrun=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = log_lines(out)
+    assert logs[-1]["step"] == 30 and "eval/wikitext/ppl" in logs[-1]
+    assert "--- " in res.stdout                                          # the generated samples
+    import transformers
+    hf = transformers.BertForMaskedLM.from_pretrained(str(out))             # the BERT-layout export
+    assert hf.config.num_hidden_layers == 2
+
+
+# -----------------------------------------------------------------------------------------------------
+# real data: the loss falls
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_tiny_model_loss_falls_on_real_corpus_within_200_steps(corpus, tmp_path, objective):
+    out = tmp_path / objective
+    pretrain.main(["--data", str(corpus / "data"), "--eval-data", str(corpus / "wikitext"), "--model", "tiny",
+                   "--objective", objective, "--seq-len", "64", "--batch-size", "8", "--max-steps", "200",
+                   "--lr", "2e-3", "--eval-every", "100", "--eval-batches", "4", "--no-progress", "--out", str(out),
+                   "--log-every", "20"])
+    evals = [r for r in log_lines(out) if "eval/loss" in r]
+    first, last = evals[0], evals[-1]
+    train = [r["loss"] for r in log_lines(out) if "loss" in r]
+    assert np.mean(train[-3:]) < train[0] - 0.8, train                  # from ~ln(2000) = 7.6 at the start
+    assert last["eval/loss"] < first["eval/loss"]
+    assert last["eval/loss"] < np.log(2000) - 1.0                       # far better than uniform over the vocab
+    assert last["eval/wikitext/loss"] < np.log(2000) - 1.0              # also on held-out WikiText
+
+
+# -----------------------------------------------------------------------------------------------------
+# bad input: one clear line each, nothing deleted
+
+
+def test_bad_inputs_give_one_clear_error_each(corpus, tmp_path):
+    res = run_cli(["--data", str(tmp_path / "nope"), *TINY])
+    assert res.returncode == 2 and "no such folder" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = run_cli(["--data", str(tmp_path / "empty"), *TINY])
+    assert res.returncode == 2 and "no meta.json" in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), *TINY[:2], "--seq-len", "600", "--out", str(tmp_path / "o")])
+    assert res.returncode == 2 and "--seq-len 600 exceeds" in res.stderr
+
+    # shards whose dtype disagrees with meta.json, and whose ids exceed the vocabulary
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus / "data", bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["dtype"] = "uint32"
+    (bad / "meta.json").write_text(json.dumps(meta))
+    res = run_cli(["--data", str(bad), *TINY])
+    assert res.returncode == 2 and "train.bin" in res.stderr and "uint32" in res.stderr
+    meta["dtype"], meta["vocab_size"] = "uint16", 100
+    (bad / "meta.json").write_text(json.dumps(meta))
+    res = run_cli(["--data", str(bad), *TINY])
+    assert res.returncode == 2 and "vocab_size is 100" in res.stderr
+
+    # a corrupt checkpoint passed to --resume: clear error, and the file is left where it was
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--out", str(out), "--resume"])
+    assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint at all"
