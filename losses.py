@@ -1,4 +1,4 @@
-"""Every loss as its equation, in a few lines each. Read beside docs/losses.md (labels like [eq:cross-entropy]).
+"""Every loss as its equation, in a few lines each. Read beside docs/losses.md (labels like eq:cross-entropy).
 
 No state, no modules: plain functions of tensors. Gradients come from autograd; tests/test_losses.py checks
 them against the closed forms in the docs (softmax - one-hot, sigmoid - y) and against torch's own kernels.

@@ -1,6 +1,6 @@
 """The encoder: a BERT-style Transformer written out by hand.
 
-Read beside docs/transformer.md: every equation there carries a label like [eq:attention], and the one
+Read beside docs/transformer.md: every equation there carries a label (eq:attention, eq:gelu, ...), and the one
 place in this file that computes it carries the same label in a comment.
 
     EncoderConfig -> Embeddings -> SelfAttention + FeedForward = Block -> Encoder
@@ -40,6 +40,7 @@ class EncoderConfig:
     norm: str = "post"                 # "post": BERT (LN after the residual add); "pre": LN before each branch
     causal: bool = False               # True: each position sees only itself and the past (causal-LM)
     attention: str = "sdpa"            # "sdpa": fused F.scaled_dot_product_attention; "math": written out
+    unpad: bool = False                # True: padding is dropped before the layers (see Unpadded)
     pad_id: int = 0
 
     def __post_init__(self):
@@ -137,6 +138,28 @@ def visible_keys(attention_mask, T, causal, device):
     return mask
 
 
+class Unpadded:
+    """Where the real tokens of a padded batch sit, so the layers can skip the padding.
+
+    A fine-tuning batch is padded to its longest sequence; for SST-2-like lengths about half its (B, T)
+    positions are padding. Every Linear, LayerNorm, GELU and dropout acts on each position alone, so they
+    run on the N real rows packed into (N, C) instead; only attention mixes positions, and it re-pads its
+    q, k, v for the one fused SDPA call and packs its output again (torch.nested jagged tensors run the same
+    attention on CPU one sequence at a time, and measured no faster: docs/performance.md)."""
+
+    def __init__(self, attention_mask, causal: bool):
+        self.shape = attention_mask.shape                                          # (B, T)
+        self.rows = attention_mask.flatten().nonzero().squeeze(1)                  # (N,) flat indices
+        self.mask = visible_keys(attention_mask, self.shape[1], causal, attention_mask.device)
+
+    def pack(self, x):
+        return x.flatten(0, 1).index_select(0, self.rows)                         # (B, T, ...) -> (N, ...)
+
+    def unpack(self, x):
+        full = x.new_zeros(self.shape.numel(), *x.shape[1:])                       # padding rows stay 0
+        return full.index_copy(0, self.rows, x).view(*self.shape, *x.shape[1:])   # (N, ...) -> (B, T, ...)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. One fused projection makes Q, K and V in a single matmul."""
 
@@ -152,15 +175,22 @@ class SelfAttention(nn.Module):
         self.prefix = None
 
     def forward(self, x, mask):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)                            # 3 x (B, T, C)
+        """x (B, T, C) with a bool mask or None; or the packed real rows (N, C) with an Unpadded layout."""
+        if isinstance(mask, Unpadded):
+            return self.proj(mask.pack(self.attend(mask.unpack(self.qkv(x)), mask.mask)))   # (N, C)
+        return self.proj(self.attend(self.qkv(x), mask))
+
+    def attend(self, qkv, mask):
+        """The per-head attention of the fused projections qkv (B, T, 3C) -> (B, T, C), heads concatenated."""
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)                                    # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.prefix is not None:
             pk, pv = self.prefix()                                       # (nh, P, hs) each
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, nh, P+T, hs)
             v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             P = pk.shape[1]
-            full = torch.ones(B, 1, T if mask is None else mask.shape[2], P, dtype=torch.bool, device=x.device)
+            full = torch.ones(B, 1, T if mask is None else mask.shape[2], P, dtype=torch.bool, device=q.device)
             mask = full if mask is None else torch.cat([mask.expand(B, 1, -1, -1) if mask.shape[0] == 1 else mask, full], dim=-1)
         p_drop = self.dropout if self.training else 0.0
         if self.use_sdpa:
@@ -172,8 +202,7 @@ class SelfAttention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = F.dropout(scores.softmax(dim=-1), p_drop, self.training)
             y = probs @ v                                                # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)                           # concatenate heads: (B, T, C)
-        return self.proj(y)
+        return y.transpose(1, 2).reshape(B, T, C)                        # concatenate heads: (B, T, C)
 
 
 class FeedForward(nn.Module):
@@ -227,6 +256,12 @@ class Encoder(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
         """`embeddings`: the output of self.embed, passed in by adversarial training after it adds δ."""
         x = self.embed(input_ids, token_type_ids) if embeddings is None else embeddings  # (B, T, C)
+        if self.config.unpad and attention_mask is not None:
+            layout = Unpadded(attention_mask, self.config.causal)       # padding rows come back as 0
+            x = layout.pack(x)                                           # (N, C): the real tokens only
+            for block in self.blocks:
+                x = block(x, layout)
+            return layout.unpack(self.final_norm(x))                     # (B, T, C)
         mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
         for block in self.blocks:
             x = block(x, mask)

@@ -108,6 +108,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
     """AdamW over the trainable parameters; biases and LayerNorm weights (every tensor with < 2 dims)
     get no weight decay: shrinking them towards 0 only fights the normalisation.
 
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)  [eq:adamw]
+
     impl: "fused" (one kernel for all parameters), "foreach" (batched ops), "plain" (a loop), "auto"."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -312,12 +314,14 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
                 model.require_backward_grad_sync = last
             with autocast():
                 loss_sum = loss_fn(model, batch)
-            # DDP and FSDP average gradients over ranks; the world_size factor turns that mean into the sum
+            # DDP and FSDP average gradients over ranks (all-reduce, then / world); the world factor turns
+            # that mean back into the sum over ranks.  [eq:allreduce]
             loss = loss_sum / n_targets.clamp(min=1) * world
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()      # fp16: backward of S * loss, so small gradients survive  [eq:loss-scaling]
             loss_total += loss_sum.detach().float()
             tokens_since += int(batch.get("num_tokens", 0))
         scaler.unscale_(opt)
+        # g <- g * min(1, clip / ||g||), the norm taken over all parameters together  [eq:clip]
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
         scale_before = scaler.get_scale()
         scaler.step(opt)                        # fp16: skipped when any gradient is inf/nan
