@@ -216,14 +216,17 @@ def encode(tokenizer, texts, pairs, max_length):
     return enc["input_ids"], enc["token_type_ids"]
 
 
+def batch_of(ids, types, rows, pad_id, device) -> dict:
+    return {k: v.to(device) for k, v in pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad_id).items()}
+
+
 @torch.no_grad()
 def infer(model, ids, types, pad_id, batch_size=64) -> torch.Tensor:
     """The model's raw outputs (logits, scores or sentence vectors) for every example, in input order."""
     device = next(model.parameters()).device
     out = None
     for rows in eval_order([len(x) for x in ids], batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad_id).items()}
-        y = model(**batch).float().cpu()
+        y = model(**batch_of(ids, types, rows, pad_id, device)).float().cpu()
         out = y.new_empty(len(ids), *y.shape[1:]) if out is None else out
         out[torch.as_tensor(rows)] = y
     return out
@@ -252,6 +255,17 @@ def predict_proba(model, tokenizer, texts, pairs=None, info=None, batch_size=32)
     outputs = infer(model, ids, types, tokenizer.pad_id, batch_size)
     model.train(was_training)
     return probabilities(info["task"], outputs)
+
+
+def save_finetuned(out_dir, model, tokenizer, info):
+    """What load_finetuned reads back: the base model + head in the BERT layout (PEFT modules set aside),
+    the PEFT parameters beside it (peft.json, peft.safetensors), the tokenizer and labels.json (info)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with without_peft(model):
+        save_hf_bert(model.encoder if info["task"] == "simcse" else model, out_dir, tokenizer)
+    if info["method"] != "full":
+        save_peft(model, out_dir, info["method"], info["peft"])
+    write_json(os.path.join(out_dir, "labels.json"), info)
 
 
 def load_finetuned(path):
@@ -298,7 +312,7 @@ def robust_accuracy(model, task, dev, pad_id, eps, steps, alpha=None, batch_size
     device, correct = next(model.parameters()).device, 0
     model.eval()
     for rows in eval_order([len(x) for x in dev["ids"]], batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch([dev["ids"][i] for i in rows], [dev["types"][i] for i in rows], pad_id).items()}
+        batch = batch_of(dev["ids"], dev["types"], rows, pad_id, device)
         labels = torch.as_tensor(np.asarray(dev["gold"])[rows], device=device)
         loss_of_logits = task_loss(task, labels)
         embeddings = losses.pgd_attack(model, batch, loss_of_logits, eps, alpha=alpha, steps=steps)
@@ -387,6 +401,15 @@ def resolve_data(a):
     raise FinetuneError(f"--train: required for --task {a.task} (or prepare GLUE data: python data/prepare_glue.py)")
 
 
+def encode_split(tokenizer, task, ex, gold, max_length) -> dict:
+    """An evaluation split, tokenized: "ids"/"types"; for simcse each side of the pair alone ("a_ids", "b_ids", ...)."""
+    if task != "simcse":
+        ids, types = encode(tokenizer, ex.texts, ex.pairs, max_length)
+        return {"ids": ids, "types": types, "gold": gold, "examples": ex}
+    (a_ids, a_types), (b_ids, b_types) = (encode(tokenizer, side, None, max_length) for side in (ex.texts, ex.pairs))
+    return {"a_ids": a_ids, "a_types": a_types, "b_ids": b_ids, "b_types": b_types, "gold": gold, "examples": ex}
+
+
 def default_metric(task, layout):
     return "spearman" if task in ("regression", "simcse") else "mcc" if layout == "cola" else "accuracy"
 
@@ -447,18 +470,11 @@ def run(argv=None) -> dict:
     dev = test = None
     if dev_paths:
         dev_ex, gold = read_split(a, dev_paths, task, classes)
-        if task == "simcse":
-            if dev_ex.pairs is None:
-                raise FinetuneError(f"--dev {dev_paths[0]}: simcse is judged on sentence pairs with scores (STS-B)")
-            (ai, at), (bi, bt) = encode(tokenizer, dev_ex.texts, None, max_length), encode(tokenizer, dev_ex.pairs, None, max_length)
-            dev = {"a_ids": ai, "a_types": at, "b_ids": bi, "b_types": bt, "gold": gold, "examples": dev_ex}
-        else:
-            ids, types = encode(tokenizer, dev_ex.texts, dev_ex.pairs, max_length)
-            dev = {"ids": ids, "types": types, "gold": gold, "examples": dev_ex}
+        if task == "simcse" and dev_ex.pairs is None:
+            raise FinetuneError(f"--dev {dev_paths[0]}: simcse is judged on sentence pairs with scores (STS-B)")
+        dev = encode_split(tokenizer, task, dev_ex, gold, max_length)
     if test_paths and task != "simcse":
-        test_ex, gold = read_split(a, test_paths, task, classes, need_labels=False)
-        ids, types = encode(tokenizer, test_ex.texts, test_ex.pairs, max_length)
-        test = {"ids": ids, "types": types, "gold": gold, "examples": test_ex}
+        test = encode_split(tokenizer, task, *read_split(a, test_paths, task, classes, need_labels=False), max_length)
 
     metric = a.metric or default_metric(task, layout)
     known = {"simcse": ("spearman", "pearson"), "regression": ("spearman", "pearson", "mse")}.get(
@@ -530,12 +546,7 @@ def run(argv=None) -> dict:
                   "steps": result["step"], "stopped_early": result["stopped_early"], "train_examples": n_train,
                   "examples_seen": seen, "seconds": time.time() - t0, "train_seconds": train_seconds,
                   "examples_per_s": seen / max(train_seconds, 1e-9)}
-        os.makedirs(a.out, exist_ok=True)
-        with without_peft(model):          # the base model + head in the BERT layout; PEFT parts beside it
-            save_hf_bert(model.encoder if task == "simcse" else model, a.out, tokenizer)
-        if a.method != "full":
-            save_peft(model, a.out, a.method, options)
-        write_json(os.path.join(a.out, "labels.json"), info)
+        save_finetuned(a.out, model, tokenizer, info)
         write_json(os.path.join(a.out, "metrics.json"), record)
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
             if split:
