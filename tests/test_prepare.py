@@ -84,7 +84,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    meta = prepare([corpus], out, vocab_size=1000, val_fraction=0.2, min_chars=50, workers=2, quiet=True)
+    meta = prepare([corpus], out, vocab_size=1000, val_fraction=0.2, min_chars=50, workers=2, quiet=True,
+                   tokenizer_chars=150_000)  # about half of the training text: the sampling path runs too
     return out, meta
 
 
@@ -206,7 +207,7 @@ def test_shards_agree_with_meta_json_and_decode_back_to_the_documents(prepared, 
 def test_second_run_with_the_same_inputs_and_arguments_is_a_noop_that_says_so(prepared, corpus, capsys):
     out, meta = prepared
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = prepare([corpus], out, vocab_size=1000, val_fraction=0.2, min_chars=50, workers=2)
+    again = prepare([corpus], out, vocab_size=1000, val_fraction=0.2, min_chars=50, workers=2, tokenizer_chars=150_000)
     assert again == meta
     assert "already prepared" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -218,11 +219,13 @@ def test_changed_inputs_or_arguments_prepare_again(prepared, tmp_path):
     src.write_text("A short text about lobsters and crabs, long enough to keep. " * 5)
     dest = tmp_path / "out"
     first = prepare([src], dest, tokenizer=out, quiet=True)
+    (dest / ".prepare-tmp-1073741823").mkdir()  # scratch of a killed run (no such process): cleared on the next
     assert prepare([src], dest, tokenizer=out, min_chars=10, quiet=True)["args"]["min_chars"] == 10
     src.write_text("Different words now, about the sea floor and its animals. " * 5)
     third = prepare([src], dest, tokenizer=out, min_chars=10, quiet=True)
     assert third["sources"][0]["sha256"] != first["sources"][0]["sha256"]
     assert third["train_tokens"] == len(np.fromfile(dest / "train.bin", dtype=np.uint16))
+    assert not list(dest.glob(".prepare-tmp-*"))
 
 
 def test_compressed_variants_give_identical_shards(prepared, corpus, tmp_path):
@@ -257,6 +260,13 @@ def test_train_val_split_is_deterministic_and_independent_of_input_order():
     assert set(val) == set(val2) and set(train) == set(train2) and 20 < len(val) < 60
     assert P.split_documents(docs[:3], 0.001)[1]  # a tiny corpus still gets one val document
     assert P.split_documents(docs, 0.5, val_only=True) == ([], [t for _, t in docs])
+
+
+def test_tokenizer_trains_on_an_even_sample_of_paragraphs_when_the_text_is_large():
+    docs = ["\n".join(f"d{i} p{j} " + "x" * 90 for j in range(10)) for i in range(100)]
+    got = list(P.sample_paragraphs(docs, 20_000))
+    assert 15_000 < sum(map(len, got)) <= 20_000 and got[0].startswith("d0 p0 ") and got[-1].startswith("d99 ")
+    assert list(P.sample_paragraphs(docs, 0)) == [p for d in docs for p in d.split("\n")]
 
 
 def test_val_only_puts_every_document_in_val_bin_and_needs_an_existing_tokenizer(prepared, corpus, tmp_path):
