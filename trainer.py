@@ -76,7 +76,7 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and self.world_size > 1:
+        if device == "cuda":                 # one process per GPU: this process's GPU is its local rank
             device = f"cuda:{self.local_rank}"
         self.device = torch.device(device)
         if self.device.type == "cuda":
