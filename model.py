@@ -191,7 +191,7 @@ class SelfAttention(nn.Module):
             v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             P = pk.shape[1]
             full = torch.ones(B, 1, T if mask is None else mask.shape[2], P, dtype=torch.bool, device=q.device)
-            mask = full if mask is None else torch.cat([mask.expand(B, 1, -1, -1) if mask.shape[0] == 1 else mask, full], dim=-1)
+            mask = full if mask is None else torch.cat([full, mask.expand(B, 1, -1, -1)], dim=-1)   # keys: [prefix; x]
         p_drop = self.dropout if self.training else 0.0
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
