@@ -1,0 +1,509 @@
+"""Export a fine-tuned model for inference: merge LoRA, prune heads, prune weights, quantize to int8.
+
+    python export.py out/sst2 --out out/sst2-int8 --quantize int8 --report sst2/dev.tsv
+    python export.py out/sst2-lora --out out/sst2-small --merge-lora --prune-heads 4 --prune 0.3
+
+Read beside docs/deployment.md. The steps run in this order, each optional:
+
+    load (finetune.load_finetuned) -> merge LoRA -> remove N attention heads (least important first)
+        -> global magnitude pruning of the encoder's Linear weights -> int8 -> write DST
+
+DST is inference-only: config.json + weights + tokenizer + labels.json. A float result is the BERT layout
+(model.safetensors), read by finetune.load_finetuned like any fine-tuned folder; an int8 result stores
+model.int8.safetensors (int8 codes + per-row scale and zero point, no pickled code), read by `load_int8`.
+predict.load_model picks between the two. `--report DEV` measures every stage side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import EncoderConfig, CheckpointError, SequenceClassifier, config_from_hf, hf_config
+from predict import InputError, Predictor, load_model
+
+INT8_WEIGHTS = "model.int8.safetensors"
+# Set when model.py lets each layer keep its own number of heads (EncoderConfig.layer_heads); until then
+# removed heads are zeroed in place: the same function, but no smaller.
+SHRINK_HEADS = "layer_heads" in {f.name for f in dataclasses.fields(EncoderConfig)}
+
+
+# -----------------------------------------------------------------------------------------------------
+# int8: per-row affine quantization
+
+
+def quantize_rows(w: torch.Tensor):
+    """w (R, K) float -> codes (R, K) int8, scale (R,) float32, zero point (R,) int8; one (scale, zero)
+    per row: per output channel of a Linear, per token of an embedding table."""
+    w = w.detach().float()
+    lo, hi = w.min(dim=1).values.clamp(max=0.0), w.max(dim=1).values.clamp(min=0.0)   # the range holds 0
+    scale = (hi - lo) / 255.0                            # s = (max - min) / (2^8 - 1)  [eq:int8-scale]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # an all-zero row: any scale is exact
+    zero = torch.round(-128.0 - lo / scale).clamp(-128, 127)  # 0 -> code z, min -> -128  [eq:int8-zero-point]
+    q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(-128, 127)   # [eq:int8-quantize]
+    return q.to(torch.int8), scale, zero.to(torch.int8)
+
+
+def dequantize_rows(q, scale, zero):
+    """x_hat = s (q - z), row by row; q may be any gather of rows with its scale and zero alongside."""
+    return (q.float() - zero.float()[..., None]) * scale[..., None]   # [eq:int8-dequantize]
+
+
+def _fbgemm_pack(q, scale, zero, bias):
+    """The weight packed for fbgemm's int8 GEMM, or None where this torch build has no quantized CPU
+    kernels (torch.ao quantization is deprecated; the float fallback then keeps int8 working)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero.long(), 0)
+            return torch.ops.quantized.linear_prepack(qw, bias)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 codes + a scale and zero point per output row (CPU inference only).
+
+    With fbgemm the product runs in int8: each call quantizes the activations per tensor from their own
+    min/max (dynamic quantization; 7-bit, `reduce_range`, so the x86 int8 multiply-add cannot saturate) and
+    accumulates in int32. Without it the weight is dequantized once to float: only disk and download shrink."""
+
+    def __init__(self, q, scale, zero, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero)
+        self.register_buffer("bias", bias)
+        self.packed = _fbgemm_pack(q, scale, zero, bias)
+        self.weight_float = dequantize_rows(q, scale, zero) if self.packed is None else None   # not saved
+
+    def forward(self, x):
+        if self.packed is None:
+            return F.linear(x, self.weight_float.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        flat = x.reshape(-1, self.in_features).float().contiguous()                 # (B*T, in)
+        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)              # (B*T, out)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """A lookup table stored as int8 rows; the rows looked up are dequantized on the way out."""
+
+    def __init__(self, q, scale, zero):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero)
+
+    def forward(self, ids):
+        return dequantize_rows(self.weight_int8[ids], self.scale[ids], self.zero_point[ids])   # (B, T, C)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """In place: every Linear becomes an Int8Linear, the token embedding table an Int8Embedding. The
+    position and segment tables (used through .weight) and the LayerNorms stay float: they are small."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear):
+            bias = None if m.bias is None else m.bias.detach().float().clone()
+            _set_module(model, name, Int8Linear(*quantize_rows(m.weight), bias))
+    model.encoder.embed.tok = Int8Embedding(*quantize_rows(model.encoder.embed.tok.weight))
+    return model
+
+
+def is_int8(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+
+
+def load_int8(path: str):
+    """(model, tokenizer, info) of a folder written by export.py --quantize int8: a float skeleton from
+    config.json, the int8 modules rebuilt from the codes it finds, then a strict load of every tensor."""
+    from safetensors.torch import load_file
+    from tokenizer import load_tokenizer
+    cfg_file, st_file = os.path.join(path, "config.json"), os.path.join(path, INT8_WEIGHTS)
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        with open(os.path.join(path, "labels.json")) as f:
+            info = json.load(f)
+        state = load_file(st_file)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the int8 model ({e})") from None
+    model = SequenceClassifier(config_from_hf(hf, cfg_file), hf.get("num_labels", 2))
+    for name in sorted({k[:-len(".weight_int8")] for k in state if k.endswith(".weight_int8")}):
+        try:
+            q, s, z = (state[f"{name}.{p}"] for p in ("weight_int8", "scale", "zero_point"))
+            old = model.get_submodule(name)
+        except (KeyError, AttributeError) as e:
+            raise CheckpointError(f"{st_file}: int8 codes for {name} that the model cannot take ({e!r})") from None
+        if tuple(old.weight.shape) != tuple(q.shape):
+            raise CheckpointError(f"{st_file}: does not fit config.json ({name} is {tuple(q.shape)} here, "
+                                  f"{tuple(old.weight.shape)} by the config)")
+        new = Int8Linear(q, s, z, state.get(f"{name}.bias")) if isinstance(old, nn.Linear) else Int8Embedding(q, s, z)
+        _set_module(model, name, new)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{st_file}: does not fit config.json ({str(e).splitlines()[0]})") from None
+    return model.eval(), load_tokenizer(path), info
+
+
+def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
+    """DST as described at the top. The weights are plain now (LoRA merged, other methods only chose what
+    trained), so labels.json says method "full": nothing to re-apply on loading; `export` keeps the story."""
+    from safetensors.torch import save_file
+    from finetune import save_finetuned, write_json
+    info = info | {"method": "full", "peft": None}
+    if not is_int8(model):
+        save_finetuned(out, model, tokenizer, info)          # BERT layout + labels.json, for load_finetuned
+        return
+    os.makedirs(out, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out, INT8_WEIGHTS + ".tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(out, INT8_WEIGHTS + ".tmp"), os.path.join(out, INT8_WEIGHTS))
+    write_json(os.path.join(out, "config.json"), hf_config(model.config) | {
+        "architectures": ["BertForSequenceClassification"], "num_labels": model.num_labels,
+        "plainbert_weights": INT8_WEIGHTS})
+    tokenizer.save(out)
+    write_json(os.path.join(out, "labels.json"), info)
+
+
+# -----------------------------------------------------------------------------------------------------
+# pruning
+
+
+def encoder_linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+
+
+def sparsity(model: nn.Module) -> float:
+    """The fraction of exact zeros among the encoder's Linear weights."""
+    weights = [m.weight for m in encoder_linears(model)]
+    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+
+
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, target: float) -> None:
+    """Zero the `target` fraction of the encoder's Linear weights with the smallest |w|, with one threshold
+    for all layers (global), so layers with many small weights lose more of them."""
+    weights = [m.weight for m in encoder_linears(model)]
+    scores = torch.cat([w.abs().flatten() for w in weights])
+    k = int(round(target * scores.numel()))
+    if k == 0:
+        return
+    tau = torch.kthvalue(scores, k).values               # keep w iff |w| > tau, tau the k-th smallest |w|  [eq:magnitude-prune]
+    for w in weights:
+        w.masked_fill_(w.abs() <= tau, 0.0)
+
+
+def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int = 8) -> list[torch.Tensor]:
+    """Michel et al. (2019): multiply each head's output by a gate xi_h = 1 and take I_h = sum over batches
+    of |dL/dxi_h|, how much the loss would move if the head were scaled down; then normalise each layer's
+    scores to unit L2 norm (their finding: this ranks heads across layers better)."""
+    from finetune import task_loss
+    blocks = model.encoder.blocks
+    gates = [torch.ones(b.attn.num_heads, requires_grad=True) for b in blocks]
+
+    def gate(i, head_dim):                     # the heads, concatenated, are the input of attn.proj
+        return lambda module, args: (args[0] * gates[i].repeat_interleave(head_dim).to(args[0].dtype),)
+
+    hooks = [b.attn.proj.register_forward_pre_hook(gate(i, b.attn.head_dim)) for i, b in enumerate(blocks)]
+    scores = [torch.zeros(b.attn.num_heads) for b in blocks]
+    try:
+        with torch.enable_grad():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size],
+                                max_length=info.get("max_length", 128))
+                logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+                loss = task_loss(info["task"], gold[i:i + batch_size])(logits)     # finetune.py's loss
+                grads = torch.autograd.grad(loss, gates)
+                for s, g in zip(scores, grads):
+                    s += g.abs()                 # I_h = sum_batches |dL/dxi_h|  [eq:head-importance]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s / s.norm().clamp(min=1e-12) for s in scores]
+
+
+def choose_heads(importance: list[torch.Tensor], n: int) -> dict[int, list[int]]:
+    """The n least important heads over all layers, never the last head of a layer: {layer: [heads]}."""
+    left = [len(s) for s in importance]
+    if n > sum(left) - len(left):
+        raise InputError(f"--prune-heads {n}: at most {sum(left) - len(left)} heads can go (each layer keeps one)")
+    ranked = sorted((float(s), layer, h) for layer, scores in enumerate(importance) for h, s in enumerate(scores))
+    drop: dict[int, list[int]] = {}
+    for _, layer, h in ranked:
+        if len(drop.get(layer, [])) < left[layer] - 1 and sum(map(len, drop.values())) < n:
+            drop.setdefault(layer, []).append(h)
+    return {layer: sorted(heads) for layer, heads in sorted(drop.items())}
+
+
+@torch.no_grad()
+def remove_heads(model: nn.Module, drop: dict[int, list[int]]) -> None:
+    """Take heads out of their layers. A head is hs rows in each of W_Q, W_K, W_V (and their biases) and
+    hs columns of W_O; with SHRINK_HEADS those rows and columns are cut out and the layer keeps fewer
+    heads, else they are set to zero (the head then adds exactly nothing: its values are 0)."""
+    for layer, heads in drop.items():
+        attn = model.encoder.blocks[layer].attn
+        hs, nh = attn.head_dim, attn.num_heads
+        keep = torch.tensor([c for h in range(nh) if h not in heads for c in range(h * hs, (h + 1) * hs)])
+        rows = torch.cat([keep + part * nh * hs for part in range(3)])       # in each of Q, K, V
+        if SHRINK_HEADS:
+            attn.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows])      # (3 nh' hs, C)
+            attn.proj = _linear(attn.proj.weight[:, keep], attn.proj.bias)      # (C, nh' hs)
+            attn.num_heads = nh - len(heads)
+        else:
+            gone = torch.ones(3 * nh * hs, dtype=torch.bool)
+            gone[rows] = False
+            attn.qkv.weight[gone] = 0.0
+            attn.qkv.bias[gone] = 0.0
+            attn.proj.weight[:, gone[:nh * hs]] = 0.0
+    if SHRINK_HEADS:
+        model.config.layer_heads = [b.attn.num_heads for b in model.encoder.blocks]
+
+
+def _linear(weight, bias) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0])
+    lin.weight.copy_(weight)
+    lin.bias.copy_(bias)
+    return lin
+
+
+# -----------------------------------------------------------------------------------------------------
+# labelled data, and the side-by-side report
+
+
+def labelled(path: str, info: dict, args):
+    """(texts, pairs or None, gold) of a labelled file, read and encoded as finetune.py reads its dev set:
+    gold holds class ids (0./1. for binary) or scores."""
+    from data.tasks import encode_labels, read_examples
+    ex = read_examples([path], args.text_col, args.text_pair_col, args.label_col)
+    return ex.texts, ex.pairs, torch.tensor(encode_labels(info["task"], ex, info["labels"]))
+
+
+# what inference reads; a fine-tuning folder also holds checkpoint.pt (with the optimizer), logs, predictions
+MODEL_FILES = ("config.json", "labels.json", "model.safetensors", INT8_WEIGHTS, "peft.json", "peft.safetensors",
+               "vocab.txt", "tokenizer.model", "tokenizer_config.json")
+
+
+def model_mb(path: str) -> float:
+    """Size on disk of the files inference reads, in MiB."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in MODEL_FILES if os.path.isfile(os.path.join(path, f))) / 2**20
+
+
+def latency_ms(predictor: Predictor, texts, pairs, batch: int, repeats: int) -> float:
+    """Median milliseconds per example over `repeats` passes of a fixed sample, in batches of `batch`
+    (tokenization included: what a caller waits for)."""
+    n = min(len(texts), 64 if batch == 1 else 8 * batch)
+    chunks = [(texts[i:i + batch], None if pairs is None else pairs[i:i + batch]) for i in range(0, n, batch)]
+    predictor(*chunks[0])                                            # warm-up: first-call allocations
+    times = []
+    for _ in range(repeats):
+        for t, p in chunks:
+            start = time.perf_counter()
+            predictor(t, p)
+            times.append((time.perf_counter() - start) * 1000 / len(t))
+    return statistics.median(times)
+
+
+def measure(name: str, folder: str, texts, pairs, gold, task: str, repeats: int, reference=None) -> tuple:
+    """(one report row, the predictions: labels, or scores for regression) of one stage."""
+    predictor = Predictor([folder])
+    out = predictor(texts, pairs)
+    row = {"variant": name, "size_mb": model_mb(folder)}
+    if task == "regression":
+        from metrics import pearson
+        row["pearson"] = pearson(gold.numpy(), out)
+        pred = out
+    else:
+        pred = out.argmax(axis=1)
+        row["accuracy"] = float((pred == gold.numpy()).mean())
+        row["agree_with_float"] = float((pred == reference).mean()) if reference is not None else 1.0
+    row["ms_batch1"] = latency_ms(predictor, texts, pairs, 1, repeats)
+    row["ms_batch32"] = latency_ms(predictor, texts, pairs, 32, repeats)
+    return row, pred
+
+
+def format_report(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    cells = [[r[k] if isinstance(r[k], str) else f"{r[k]:.4f}" if k in ("accuracy", "agree_with_float", "pearson")
+              else f"{r[k]:.2f}" for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = lambda cs: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths)))
+    return "\n".join([line(keys), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+# -----------------------------------------------------------------------------------------------------
+# the command line
+
+
+def export_torchscript(model, tokenizer, info, out: str) -> None:
+    """model.torchscript.pt: (input_ids, attention_mask, token_type_ids) -> logits, for runtimes without
+    Python (libtorch). Traced, so checked on a second batch of another length before it is kept."""
+    a = tokenizer(["a short example", "a second, somewhat longer example for tracing"], max_length=info.get("max_length", 128))
+    b = tokenizer(["and a third one with other words in it, longer than both of those above"])
+    args_of = lambda e: (e["input_ids"], e["attention_mask"], e["token_type_ids"])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, args_of(a), check_trace=False)
+        if not torch.allclose(traced(*args_of(b)), model(*args_of(b)), atol=1e-4):
+            print("skipping TorchScript: the traced model differs from the eager one on another input length")
+            return
+        traced.save(os.path.join(out, "model.torchscript.pt"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.")
+    p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
+    p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
+    p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY", help="zero this fraction of encoder Linear weights")
+    p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
+    p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
+    p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
+    p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
+    p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
+    p.add_argument("--repeats", type=int, default=3, help="timing passes per measurement (the median is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
+    p.add_argument("--text-col")
+    p.add_argument("--text-pair-col")
+    p.add_argument("--label-col", help="the label column of --report/--calib (default: label)")
+    return p
+
+
+def check_args(args) -> None:
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise InputError(f"--out {args.out}: the folder exists and is not empty; choose a new one")
+    if not 0.0 <= args.prune < 1.0:
+        raise InputError(f"--prune: expected a fraction in [0, 1), got {args.prune}")
+    if args.prune_heads < 0 or args.calib_examples < 1 or args.repeats < 1 or args.threads < 1:
+        raise InputError("--prune-heads must be >= 0; --calib-examples, --repeats and --threads >= 1")
+    if args.prune_heads and not (args.calib or args.report):
+        raise InputError("--prune-heads needs labelled examples to rank heads: give --calib FILE or --report FILE")
+
+
+def run(args) -> None:
+    from peft import LoRALinear, PEFT_MODULES, merge_lora
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    model, tokenizer, info = load_model(args.src)
+    if info["task"] == "simcse":
+        raise InputError(f"{args.src}: a SimCSE sentence encoder; export takes classifiers and regressors")
+    if is_int8(model):
+        raise InputError(f"{args.src}: already int8; export from the float model")
+    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    if args.merge_lora != has_lora:
+        raise InputError(f"{args.src}: has LoRA layers: pass --merge-lora" if has_lora else f"--merge-lora: {args.src} has no LoRA layers")
+    if has_lora:
+        merge_lora(model)                                  # W <- W0 + (alpha / r) B A, see peft.py
+    if any(isinstance(m, PEFT_MODULES) for m in model.modules()):
+        raise InputError(f"{args.src}: PEFT method {info.get('method')!r} adds layers the BERT layout cannot hold; "
+                         "export takes full, top, bitfit and (merged) LoRA models")
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        stages = compress(model, tokenizer, info, args, tmp)
+        if args.torchscript:
+            export_torchscript(model, tokenizer, info, args.out)
+        if args.onnx:
+            export_onnx(model, tokenizer, info, args.out)
+        if args.report:
+            report(stages, info, args)
+
+
+def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
+    """Run the steps in order and write OUT; with --report, also each step's model to tmp/ for measuring.
+    Returns [(stage name, folder)], starting with the float source."""
+    stages, done = [("float", args.src)], {"source": args.src, "source_method": info.get("method"),
+                                           "merged_lora": args.merge_lora}
+
+    def stage(name):
+        if args.report:
+            folder = os.path.join(tmp, str(len(stages)))
+            save_folder(model, tokenizer, info | {"export": done}, folder)
+            stages.append((name, folder))
+
+    if args.prune_heads:
+        if not args.calib:
+            print(f"note: ranking heads on {args.report}, the file --report scores: pass --calib (e.g. a slice "
+                  "of the training set) for a report that did not choose the heads")
+        texts, pairs, gold = labelled(args.calib or args.report, info, args)
+        n = args.calib_examples
+        drop = choose_heads(head_importance(model, tokenizer, info, texts[:n], pairs and pairs[:n], gold[:n]), args.prune_heads)
+        remove_heads(model, drop)
+        done["pruned_heads"] = {str(k): v for k, v in drop.items()}
+        done["heads_removed_by"] = "shrinking" if SHRINK_HEADS else "zeroing"
+        stage(f"heads -{args.prune_heads}")
+    if args.prune:
+        magnitude_prune(model, args.prune)
+        done["sparsity"] = round(sparsity(model), 6)
+        stage(f"pruned {args.prune:.0%}")
+    if args.quantize:
+        quantize_model(model)
+        fbgemm = model.encoder.blocks[0].ffn.fc1.packed is not None
+        done["quantize"] = "int8 per-row affine, " + ("fbgemm int8 GEMM" if fbgemm else "dequantized to float")
+        stage("int8")
+    save_folder(model, tokenizer, info | {"export": done}, args.out)
+    print(f"wrote {args.out} ({model_mb(args.out):.2f} MB): {json.dumps(done)}")
+    if args.report and len(stages) > 1:
+        stages[-1] = (stages[-1][0], args.out)          # the last step's model is OUT itself
+    return stages
+
+
+def export_onnx(model, tokenizer, info, out: str) -> None:
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+    except ImportError:
+        print("skipping ONNX export: the onnx package is not installed (pip install onnx onnxscript)")
+        return
+    enc = tokenizer(["an example for export"], max_length=info.get("max_length", 128))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    try:
+        torch.onnx.export(model, tuple(enc[n] for n in names), os.path.join(out, "model.onnx"), input_names=names,
+                          output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "tokens"} for n in names})
+    except Exception as e:          # exporters fail in many ways; the folder itself is already complete
+        print(f"skipping ONNX export: {type(e).__name__}: {e}")
+
+
+def report(stages: list[tuple[str, str]], info: dict, args) -> None:
+    """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage."""
+    from finetune import write_json
+    texts, pairs, gold = labelled(args.report, info, args)
+    rows, reference = [], None
+    for name, folder in stages:
+        row, pred = measure(name, folder, texts, pairs, gold, info["task"], args.repeats, reference)
+        reference = pred if reference is None else reference
+        rows.append(row)
+    print(format_report(rows))
+    path = args.report_json or os.path.join(args.out, "report.json")
+    write_json(path, {"dev": args.report, "threads": args.threads, "repeats": args.repeats, "rows": rows})
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from trainer import fail
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

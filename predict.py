@@ -1,0 +1,181 @@
+"""Predict with a fine-tuned model: a label and class probabilities (or a score) for each text.
+
+    python predict.py out/sst2 "a gripping, funny film" "dull and overlong"
+    cat reviews.txt | python predict.py out/sst2 --format jsonl
+    python predict.py out/sst2,out/sst2-seed2 --input dev.tsv --text-col sentence --output preds.tsv
+
+MODEL is a folder written by finetune.py (BERT layout + labels.json) or by export.py (the same, possibly
+int8 or pruned). Several folders, comma-separated, form an ensemble whose probabilities are averaged.
+`Predictor` is also what serve.py runs, so the command line and the server give the same answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input text, file or column; the message names the file or flag."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# loading: the one dispatch between a float folder and an int8 one
+
+
+def load_model(path: str):
+    """(model, tokenizer, info) for a folder: int8 folders (export.py) by export.load_int8, every other by
+    finetune.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
+    from export import INT8_WEIGHTS, load_int8             # late: export.py imports this file
+    if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
+        return load_int8(path)
+    from finetune import load_finetuned
+    return load_finetuned(path)
+
+
+class Predictor:
+    """One model or an ensemble. Members must share the task and the label names; each keeps its own
+    tokenizer, so an ensemble may mix vocabularies. Averaging probabilities (not logits) keeps each member's
+    calibration and needs nothing from them beyond predict_proba."""
+
+    def __init__(self, paths: list[str], batch_size: int = 32):
+        from finetune import predict_proba
+        self._predict_proba = predict_proba
+        if not paths:
+            raise InputError("no model folder given")
+        self.members = [load_model(p) for p in paths]
+        self.info = self.members[0][2]
+        self.task, self.labels = self.info["task"], list(self.info.get("labels") or [])
+        if self.task == "simcse":
+            raise InputError(f"{paths[0]}: a SimCSE sentence encoder has no labels to predict")
+        for path, (_, _, info) in zip(paths[1:], self.members[1:]):
+            if info["task"] != self.task or list(info.get("labels") or []) != self.labels:
+                raise InputError(f"{path}: task {info['task']!r} with labels {info.get('labels')} does not match "
+                                 f"{paths[0]} ({self.task!r}, {self.labels}); an ensemble needs one task")
+        self.batch_size = batch_size
+
+    @property
+    def needs_pairs(self) -> bool:
+        """Fine-tuned on (text, pair): every pair task, and any task whose training file had a pair column."""
+        return self.task == "pair" or bool((self.info.get("columns") or {}).get("pair"))
+
+    def check(self, texts, pairs):
+        if pairs is None and self.needs_pairs:
+            raise InputError("this model was fine-tuned on text pairs: give the second text of each pair too")
+        if pairs is not None and len(pairs) != len(texts):
+            raise InputError(f"got {len(texts)} texts but {len(pairs)} pairs")
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        """(N, K) class probabilities, or (N,) scores for regression; the mean over the ensemble."""
+        self.check(texts, pairs)
+        outs = [np.asarray(self._predict_proba(model, tok, texts, pairs, info=info, batch_size=self.batch_size),
+                           dtype=np.float64) for model, tok, info in self.members]
+        mean = np.mean(outs, axis=0)
+        return mean.reshape(len(texts)) if self.task == "regression" else mean.reshape(len(texts), -1)
+
+    def describe(self, out: np.ndarray) -> list[dict]:
+        """One JSON-ready dict per row: {"score"} for regression, else {"label", "probs": {name: p}}."""
+        if self.task == "regression":
+            return [{"score": float(s)} for s in out]
+        names = self.labels or [str(k) for k in range(out.shape[1])]
+        return [{"label": names[int(row.argmax())], "probs": dict(zip(names, map(float, row)))} for row in out]
+
+
+# -----------------------------------------------------------------------------------------------------
+# output
+
+
+def format_header(predictor: Predictor) -> str:
+    if predictor.task == "regression":
+        return "score"
+    return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels])
+
+
+def format_row(row: dict, fmt: str) -> str:
+    if fmt == "jsonl":
+        return json.dumps(row, ensure_ascii=False)
+    if "score" in row:
+        return f"{row['score']:.6f}"
+    return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()])
+
+
+def stdin_texts(pairs: bool) -> tuple[list[str], list[str] | None]:
+    """One text per non-empty stdin line; for a pair model, the two texts separated by a tab."""
+    if sys.stdin.isatty():
+        raise InputError("no input: give texts as arguments, --input FILE, or pipe text on stdin")
+    lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not pairs:
+        return lines, None
+    split = [line.split("\t", 1) for line in lines]
+    bad = next((n for n, s in enumerate(split, start=1) if len(s) != 2), None)
+    if bad:
+        raise InputError(f"stdin line {bad}: a pair model needs two texts separated by a tab")
+    return [a for a, _ in split], [b for _, b in split]
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+    if args.input and args.texts:
+        raise InputError("give texts as arguments or --input FILE, not both")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size)
+    if args.input:
+        from data.tasks import read_examples     # the reader finetune.py uses: same formats, same columns
+        ex = read_examples([args.input], args.text_col, args.text_pair_col, need_labels=False)
+        texts, pairs = ex.texts, ex.pairs
+    elif args.texts:
+        texts, pairs = list(args.texts), None
+    else:
+        texts, pairs = stdin_texts(predictor.needs_pairs)
+    predictor.check(texts, pairs)
+    tmp = args.output + ".tmp" if args.output else None
+    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
+    try:
+        if args.format == "tsv":
+            out.write(format_header(predictor) + "\n")
+        bar = tqdm(total=len(texts), unit="text", disable=args.no_progress or not args.input, file=sys.stderr)
+        step = args.batch_size
+        for i in range(0, len(texts), step):
+            chunk_pairs = pairs[i:i + step] if pairs is not None else None
+            for row in predictor.describe(predictor(texts[i:i + step], chunk_pairs)):
+                out.write(format_row(row, args.format) + "\n")
+            bar.update(len(texts[i:i + step]))
+        bar.close()
+    finally:
+        if tmp:
+            out.close()
+    if tmp:
+        os.replace(tmp, args.output)   # a finished file or none: never half a predictions file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Label texts with a fine-tuned model (or an ensemble of them).")
+    p.add_argument("model", help="fine-tuned model folder; several, comma-separated, are averaged")
+    p.add_argument("texts", nargs="*", help="texts to label (else --input, else stdin, one per line)")
+    p.add_argument("--input", help="a .tsv, .csv or .jsonl file (optionally .gz/.xz/.bz2) with a text column")
+    p.add_argument("--text-col", help="the text column (default: found by name: sentence, text, sentence1, ...)")
+    p.add_argument("--text-pair-col", help="the second text of each pair, for pair models")
+    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv", help="output format (default tsv)")
+    p.add_argument("--output", help="write here instead of stdout")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from trainer import fail
+    try:
+        run(args)
+    except (ValueError, OSError) as e:      # InputError, CheckpointError, TokenizerError, a missing file, ...
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
