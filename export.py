@@ -205,7 +205,7 @@ def magnitude_prune(model: nn.Module, target: float) -> None:
     k = int(round(target * scores.numel()))
     if k == 0:
         return
-    tau = torch.kthvalue(scores, k).values               # keep w iff |w| > tau, tau the k-th smallest |w|  [eq:magnitude-prune]
+    tau = torch.kthvalue(scores, k).values     # keep w iff |w| > tau, the k-th smallest |w|  [eq:magnitude-prune]
     for w in weights:
         w.masked_fill_(w.abs() <= tau, 0.0)
 
@@ -227,7 +227,7 @@ def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int 
         with torch.enable_grad():
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size],
-                                max_length=info.get("max_length", 128))
+                                max_length=info["max_length"])
                 logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
                 loss = task_loss(info["task"], gold[i:i + batch_size])(logits)     # finetune.py's loss
                 grads = torch.autograd.grad(loss, gates)
@@ -302,7 +302,8 @@ MODEL_FILES = ("config.json", "labels.json", "model.safetensors", INT8_WEIGHTS, 
 
 def model_mb(path: str) -> float:
     """Size on disk of the files inference reads, in MiB."""
-    return sum(os.path.getsize(os.path.join(path, f)) for f in MODEL_FILES if os.path.isfile(os.path.join(path, f))) / 2**20
+    files = [os.path.join(path, f) for f in MODEL_FILES]
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / 2**20
 
 
 def latency_ms(predictor: Predictor, texts, pairs, batch: int, repeats: int) -> float:
@@ -354,7 +355,7 @@ def format_report(rows: list[dict]) -> str:
 def export_torchscript(model, tokenizer, info, out: str) -> None:
     """model.torchscript.pt: (input_ids, attention_mask, token_type_ids) -> logits, for runtimes without
     Python (libtorch). Traced, so checked on a second batch of another length before it is kept."""
-    a = tokenizer(["a short example", "a second, somewhat longer example for tracing"], max_length=info.get("max_length", 128))
+    a = tokenizer(["a short example", "a second, somewhat longer example for tracing"], max_length=info["max_length"])
     b = tokenizer(["and a third one with other words in it, longer than both of those above"])
     args_of = lambda e: (e["input_ids"], e["attention_mask"], e["token_type_ids"])
     with torch.no_grad(), warnings.catch_warnings():
@@ -372,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
     p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
-    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY", help="zero this fraction of encoder Linear weights")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
+                   help="zero this fraction of the encoder's Linear weights")
     p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
     p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
     p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
@@ -410,7 +412,8 @@ def run(args) -> None:
         raise InputError(f"{args.src}: already int8; export from the float model")
     has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
     if args.merge_lora != has_lora:
-        raise InputError(f"{args.src}: has LoRA layers: pass --merge-lora" if has_lora else f"--merge-lora: {args.src} has no LoRA layers")
+        raise InputError(f"{args.src}: has LoRA layers: pass --merge-lora" if has_lora
+                         else f"--merge-lora: {args.src} has no LoRA layers")
     if has_lora:
         merge_lora(model)                                  # W <- W0 + (alpha / r) B A, see peft.py
     if any(isinstance(m, PEFT_MODULES) for m in model.modules()):
@@ -445,7 +448,8 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
                   "of the training set) for a report that did not choose the heads")
         texts, pairs, gold = labelled(args.calib or args.report, info, args)
         n = args.calib_examples
-        drop = choose_heads(head_importance(model, tokenizer, info, texts[:n], pairs and pairs[:n], gold[:n]), args.prune_heads)
+        importance = head_importance(model, tokenizer, info, texts[:n], pairs and pairs[:n], gold[:n])
+        drop = choose_heads(importance, args.prune_heads)
         remove_heads(model, drop)
         done["pruned_heads"] = {str(k): v for k, v in drop.items()}
         done["heads_removed_by"] = "shrinking" if SHRINK_HEADS else "zeroing"
@@ -472,7 +476,7 @@ def export_onnx(model, tokenizer, info, out: str) -> None:
     except ImportError:
         print("skipping ONNX export: the onnx package is not installed (pip install onnx onnxscript)")
         return
-    enc = tokenizer(["an example for export"], max_length=info.get("max_length", 128))
+    enc = tokenizer(["an example for export"], max_length=info["max_length"])
     names = ["input_ids", "attention_mask", "token_type_ids"]
     try:
         torch.onnx.export(model, tuple(enc[n] for n in names), os.path.join(out, "model.onnx"), input_names=names,

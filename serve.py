@@ -105,7 +105,8 @@ class Histogram:
         for b, c in zip(self.bounds, self.counts):      # Prometheus buckets are cumulative: count of v <= le
             running += c
             out.append(f'{name}_bucket{{le="{b:g}"}} {running}')
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
 
 
 class Metrics:
@@ -129,7 +130,8 @@ class Metrics:
         def head(name, kind, text):
             return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         lines = head("plainbert_requests_total", "counter", "HTTP requests answered, by path and status code.")
-        lines += [f'plainbert_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        lines += [f'plainbert_requests_total{{path="{p}",status="{s}"}} {n}'
+                  for (p, s), n in sorted(self.requests.items())]
         lines += head("plainbert_errors_total", "counter", "Requests answered with a status of 400 or more.")
         lines += [f"plainbert_errors_total {self.errors}"]
         lines += head("plainbert_texts_total", "counter", "Texts labelled by successful POST /predict requests.")
