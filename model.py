@@ -42,6 +42,7 @@ class EncoderConfig:
     attention: str = "sdpa"            # "sdpa": fused F.scaled_dot_product_attention; "math": written out
     unpad: bool = False                # True: padding is dropped before the layers (see Unpadded)
     pad_id: int = 0
+    layer_heads: list | None = None    # heads kept in each layer after head pruning (export.py); None: num_heads
 
     def __post_init__(self):
         if self.intermediate_size == 0:
@@ -52,6 +53,11 @@ class EncoderConfig:
             raise ValueError(f"norm must be 'post' or 'pre', got {self.norm!r}")
         if self.attention not in ("sdpa", "math"):
             raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
+        if self.layer_heads is not None:
+            self.layer_heads = [int(h) for h in self.layer_heads]
+            if len(self.layer_heads) != self.num_layers or not all(1 <= h <= self.num_heads for h in self.layer_heads):
+                raise ValueError(f"layer_heads must give 1..{self.num_heads} heads for each of the "
+                                 f"{self.num_layers} layers, got {self.layer_heads}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "EncoderConfig":
@@ -159,15 +165,21 @@ class Unpadded:
         full = x.new_zeros(self.shape.numel(), *x.shape[1:])                       # padding rows stay 0
         return full.index_copy(0, self.rows, x).view(*self.shape, *x.shape[1:])   # (N, ...) -> (B, T, ...)
 
+    def packed_index(self, flat):
+        """Flat (B*T) indices of real tokens -> their rows in the packed (N, ...) tensor."""
+        return torch.searchsorted(self.rows, flat)
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention. One fused projection makes Q, K and V in a single matmul."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, num_heads: int | None = None):
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)       # [W_Q; W_K; W_V]
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)          # W_O
+        # after head pruning a layer keeps num_heads < cfg.num_heads heads, each still hs wide
+        self.num_heads, self.head_dim = num_heads or cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        inner = self.num_heads * self.head_dim                           # C, or less after head pruning
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * inner)                 # [W_Q; W_K; W_V]
+        self.proj = nn.Linear(inner, cfg.hidden_size)                    # W_O
         self.dropout = cfg.attention_dropout
         self.use_sdpa = cfg.attention == "sdpa"
         # Hook for prefix tuning (peft.py): a module returning learned (K, V) prefixes of shape
@@ -226,21 +238,29 @@ class Block(nn.Module):
     without warm-up tricks (Xiong et al. 2020; Cramming uses it).
     """
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, num_heads: int | None = None):
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, num_heads)
         self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_norm = cfg.norm == "pre"
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, rows=None):
+        """rows: flat indices of the only output rows wanted, or None for all. Everything after attention acts
+        on each row alone, so it runs on those M rows only and the result is (M, C)."""
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), mask))
+            a = self.attn(self.attn_norm(x), mask)
+            x = select(x, rows) + self.drop(select(a, rows))
             return x + self.drop(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+        x = self.attn_norm(select(x, rows) + self.drop(select(self.attn(x, mask), rows)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+def select(x, rows):
+    """The rows (flat indices) of x (B, T, C) or (N, C) as (M, C); x itself when rows is None."""
+    return x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
 
 
 class Encoder(nn.Module):
@@ -250,22 +270,26 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embeddings(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.layer_heads[i] if cfg.layer_heads else None)
+                                    for i in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else nn.Identity()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
-        """`embeddings`: the output of self.embed, passed in by adversarial training after it adds δ."""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None, rows=None):
+        """`embeddings`: the output of self.embed, passed in by adversarial training after it adds δ.
+        `rows`: flat indices into B*T of the only outputs wanted (MLM: the masked positions), or None. The
+        last block then runs its position-wise part on those rows alone, and the result is (M, C)."""
         x = self.embed(input_ids, token_type_ids) if embeddings is None else embeddings  # (B, T, C)
+        layout = None
         if self.config.unpad and attention_mask is not None:
-            layout = Unpadded(attention_mask, self.config.causal)       # padding rows come back as 0
+            layout = mask = Unpadded(attention_mask, self.config.causal)  # padding rows come back as 0
             x = layout.pack(x)                                           # (N, C): the real tokens only
-            for block in self.blocks:
-                x = block(x, layout)
-            return layout.unpack(self.final_norm(x))                     # (B, T, C)
-        mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.final_norm(x)
+            rows = None if rows is None else layout.packed_index(rows)
+        else:
+            mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, rows if i == len(self.blocks) - 1 else None)
+        x = self.final_norm(x)
+        return layout.unpack(x) if layout is not None and rows is None else x   # (B, T, C) or (M, C)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -305,8 +329,10 @@ class LanguageModel(nn.Module):
         self.apply(init_weights)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None):
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, C)
-        return self.lm_head(hidden, positions)                            # (B, T, V) or (M, V)
+        """positions: flat indices into B*T where the logits are wanted; the last block and the head then
+        run on those M rows alone (MLM: ~15% of them)."""
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, rows=positions)  # (B, T, C) or (M, C)
+        return self.lm_head(hidden)                                       # (B, T, V) or (M, V)
 
 
 class SequenceClassifier(nn.Module):
@@ -421,7 +447,8 @@ def hf_config(cfg: EncoderConfig) -> dict:
             "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
             "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
             "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
-            "pad_token_id": cfg.pad_id, "is_decoder": cfg.causal, "plainbert_norm": cfg.norm}
+            "pad_token_id": cfg.pad_id, "is_decoder": cfg.causal, "plainbert_norm": cfg.norm,
+            "plainbert_layer_heads": cfg.layer_heads}
 
 
 def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderConfig:
@@ -438,7 +465,8 @@ def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderCo
                   dropout=d.get("hidden_dropout_prob", 0.1),
                   attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
                   layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_id=d.get("pad_token_id") or 0,
-                  causal=bool(d.get("is_decoder", False)), norm=d.get("plainbert_norm", "post"))
+                  causal=bool(d.get("is_decoder", False)), norm=d.get("plainbert_norm", "post"),
+                  layer_heads=d.get("plainbert_layer_heads"))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
     kw.update(overrides)

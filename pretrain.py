@@ -254,8 +254,8 @@ def run(args, dist_env):
 
     torch.manual_seed(args.seed)
     model = LanguageModel(cfg)
-    if args.resume:
-        ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
+    ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
+    if args.resume and (args.resume != "auto" or os.path.exists(ckpt_path)):
         saved = trainer.load_checkpoint(ckpt_path).get("model_config")
         if saved is not None and saved != cfg.to_dict():
             raise ValueError(f"--resume {ckpt_path}: it was trained with another model config "

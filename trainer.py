@@ -222,16 +222,16 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     out, dev, world = args.out, dist_env.device, dist_env.world_size
     os.makedirs(out, exist_ok=True)
     ckpt_path, best_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "best_model.pt")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + dist_env.rank)     # each rank draws its own dropout masks
     model.to(dev)
-    raw = model
+    raw = sharded = model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in raw.encoder.blocks:
             fully_shard(block)
-        model = fully_shard(raw)
+        model = sharded = fully_shard(raw)
     elif world > 1:
-        model = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
     opt = build_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2),
@@ -243,11 +243,17 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     warmup = int(args.warmup * args.max_steps) if args.warmup < 1 else int(args.warmup)
 
     step, skipped, best, bad_evals, last_eval = 0, 0, None, 0, {}
-    if args.resume:
+    if args.resume == "auto" and not os.path.exists(ckpt_path):
+        if dist_env.is_main:
+            print(f"--resume: no checkpoint in {out} yet, starting from step 0")
+    elif args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
-        raw.load_state_dict(ckpt["model"]) if not args.fsdp else _load_fsdp(model, ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if args.fsdp:
+            _load_fsdp(sharded, opt, ckpt["model"], ckpt["optimizer"])
+        else:
+            raw.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
         step, skipped, best, bad_evals = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("best"), ckpt.get("bad_evals", 0)
         set_rng_state(ckpt["rng"][dist_env.rank] if dist_env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -265,9 +271,10 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
             dist.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
-        state = model_state(model if args.fsdp else raw)
+        state = model_state(sharded if args.fsdp else raw)      # FSDP: a collective, so every rank joins
+        opt_state = _opt_state(opt, sharded, args.fsdp)
         if dist_env.is_main:
-            ckpt = {"model": state, "optimizer": _opt_state(opt, model, args.fsdp), "scaler": scaler.state_dict(),
+            ckpt = {"model": state, "optimizer": opt_state, "scaler": scaler.state_dict(),
                     "step": step, "skipped": skipped, "best": best, "bad_evals": bad_evals, "rng": states,
                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                     **(extra_state or {})}
@@ -310,8 +317,11 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
         for i, batch in enumerate(batches):
             batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             last = i == len(batches) - 1
-            if isinstance(model, DDP):          # all-reduce gradients on the last micro-batch only
-                model.require_backward_grad_sync = last
+            # All-reduce gradients on the last micro-batch only; the flag must be set before the forward.
+            if isinstance(sharded, DDP):
+                sharded.require_backward_grad_sync = last
+            elif args.fsdp:
+                sharded.set_requires_gradient_sync(last)
             with autocast():
                 loss_sum = loss_fn(model, batch)
             # DDP and FSDP average gradients over ranks (all-reduce, then / world); the world factor turns
@@ -372,14 +382,18 @@ def _opt_state(opt, model, fsdp):
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _load_fsdp(model, state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+def _load_fsdp(model, opt, model_state_dict, opt_state_dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state_dict, options=options)
+    set_optimizer_state_dict(model, opt, opt_state_dict, options=options)
 
 
 def _full_copy(raw, state):
-    import copy
-    clone = copy.deepcopy(raw).to("cpu")
+    """A plain (unsharded) copy of an FSDP model for export; FSDP modules cannot be deep-copied."""
+    from torch.distributed.fsdp import FSDPModule
+    cls = next(c for c in type(raw).__mro__ if not issubclass(c, FSDPModule))
+    clone = cls(raw.config)
     clone.load_state_dict(state)
     return clone
 
