@@ -117,10 +117,9 @@ def hf_config(cfg: M.EncoderConfig, num_labels=2):
                       attn_implementation="sdpa")                              # HF's fastest stock attention
 
 
-def build(impl, task, cfg, seq_len, device):
+def build(impl, task, cfg, device):
     """(model, optimizer, loss_fn) for impl "ours" or "hf"; loss_fn(model, batch) -> mean loss."""
-    ecfg = M.EncoderConfig.preset(cfg["preset"], vocab_size=cfg["vocab_size"], max_position=max(512, seq_len),
-                                  unpad=task == "cls")
+    ecfg = M.EncoderConfig.preset(cfg["preset"], vocab_size=cfg["vocab_size"], unpad=task == "cls")
     if impl == "ours":
         model = M.LanguageModel(ecfg) if task == "mlm" else M.SequenceClassifier(ecfg, num_labels=2)
         opt = trainer.build_optimizer(model, ADAMW["lr"], ADAMW["weight_decay"], ADAMW["betas"], ADAMW["eps"])
@@ -147,7 +146,7 @@ class Runner:
 
     def __init__(self, impl, task, cfg, args):
         self.impl, self.device = impl, torch.device(args.device)
-        self.raw, self.opt, self.loss_fn = build(impl, task, cfg, args.seq_len, self.device)
+        self.raw, self.opt, self.loss_fn = build(impl, task, cfg, self.device)
         self.model = torch.compile(self.raw) if args.compile else self.raw
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
@@ -174,7 +173,7 @@ class Runner:
             self.times.append(dt)
             if cuda:  # what this step added, plus what this model keeps between steps (weights, AdamW state)
                 self.peak = max(self.peak, torch.cuda.max_memory_allocated() - before + self.resident_bytes())
-        return float(loss)
+        return float(loss.detach())
 
     def resident_bytes(self):
         state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -190,9 +189,9 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def cpu_peak_mib(impl, config, task, args):
+def cpu_peak_mib(impl, config, task, seq_len, batch_size, args):
     cmd = [sys.executable, str(ROOT / "bench.py"), "--memory-of", impl, "--config", config, "--task", task,
-           "--seq-len", str(args.seq_len or 0), "--batch-size", str(args.batch_size or 0),
+           "--seq-len", str(seq_len), "--batch-size", str(batch_size),
            "--threads", str(args.threads), "--amp", args.amp] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -203,8 +202,7 @@ def memory_of(args):
     import transformers  # noqa: F401  (the parent imported it too: same baseline)
     base = rss_kib("VmRSS")
     cfg = dict(CONFIGS[args.config])
-    seq_len, batch_size = args.seq_len or cfg["seq_len"], args.batch_size or cfg["batch_size"]
-    args.seq_len = seq_len
+    seq_len, batch_size = args.seq_len[0], args.batch_size
     batches = mlm_batches(cfg, seq_len, batch_size) if args.task == "mlm" else cls_batches(cfg, seq_len, batch_size)[0]
     runner = Runner(args.memory_of, args.task, cfg, args)
     for i in range(4):
@@ -212,21 +210,35 @@ def memory_of(args):
     print(json.dumps({"peak_mib": (rss_kib("VmHWM") - base) / 1024}))
 
 
+def profile_ops(runner, batches, top, steps=2):
+    """Where a step's time goes: torch.profiler's self time of the `top` busiest operators, per step
+    (device time on CUDA), as [[operator, ms, % of all], ...]."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = runner.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(steps):
+            runner.step(batches[i % len(batches)], timed=False)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events)
+    return [[e.key, round(getattr(e, key) / 1e3 / steps, 1), round(100 * getattr(e, key) / total, 1)]
+            for e in events[:top]]
+
+
 # -----------------------------------------------------------------------------------------------------
 # the comparison
 
 
-def compare(config, task, args):
+def compare(config, task, seq_len, args):
     cfg = dict(CONFIGS[config])
-    seq_len, batch_size = args.seq_len or cfg["seq_len"], args.batch_size or cfg["batch_size"]
-    args_seq = argparse.Namespace(**{**vars(args), "seq_len": seq_len})
+    seq_len, batch_size = seq_len or cfg["seq_len"], args.batch_size or cfg["batch_size"]
     if task == "mlm":
         batches, source = mlm_batches(cfg, seq_len, batch_size), "random-text"
     else:
         batches, source = cls_batches(cfg, seq_len, batch_size)
     batches = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     torch.manual_seed(0)
-    runners = [Runner("ours", task, cfg, args_seq), Runner("hf", task, cfg, args_seq)]
+    runners = [Runner("ours", task, cfg, args), Runner("hf", task, cfg, args)]
     for i in range(args.warmup + args.steps):
         order = runners if i % 2 == 0 else runners[::-1]        # neither always goes first
         for r in order:
@@ -246,11 +258,13 @@ def compare(config, task, args):
             row["peak_mib"] = round(r.peak / 2**20, 1)
             row["mfu"] = round(row["tokens_per_s"] * fpt / trainer.peak_flops(torch.device(args.device)), 4)
         elif not args.no_memory:
-            row["peak_mib"] = round(cpu_peak_mib(r.impl, config, task, args), 1)
+            row["peak_mib"] = round(cpu_peak_mib(r.impl, config, task, seq_len, batch_size, args), 1)
         result[r.impl] = row
     result["speedup"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
     if "peak_mib" in result["ours"]:
         result["memory_ratio"] = round(result["ours"]["peak_mib"] / result["hf"]["peak_mib"], 3)
+    if args.profile:
+        result["profile"] = {r.impl: profile_ops(r, batches, args.profile) for r in runners}
     return result
 
 
@@ -261,26 +275,27 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--seq-len", type=int, default=0, help="MLM sequence length / classification truncation "
-                   "(0: the config's, 128)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[0], help="MLM sequence length(s) / classification "
+                   "truncation (0: the config's, 128)")
     p.add_argument("--batch-size", type=int, default=0, help="0: the config's (mini 32, base 8)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory subprocesses")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also list the N busiest operators of a step")
     p.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         trainer.fail(f"--device: {args.device} was asked for but torch sees no CUDA device")
-    for flag in ("seq_len", "batch_size", "threads"):
+    for flag in ("batch_size", "threads"):
         if getattr(args, flag) < 0:
             trainer.fail(f"--{flag.replace('_', '-')}: expected a number >= 0, got {getattr(args, flag)}")
     if args.steps < 1 or args.warmup < 0:
         trainer.fail("--steps/--warmup: expected --steps >= 1 and --warmup >= 0")
-    if args.seq_len > 512:
-        trainer.fail(f"--seq-len: at most 512 (BERT's position table), got {args.seq_len}")
+    if not all(n == 0 or 4 <= n <= 512 for n in args.seq_len):
+        trainer.fail(f"--seq-len: expected lengths from 4 to 512 (BERT's position table), got {args.seq_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -294,7 +309,7 @@ def main(argv=None):
     env = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(args.device),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": args.amp,
            "compile": args.compile, "steps": args.steps, "warmup": args.warmup}
-    results = [compare(c, t, args) for c in configs for t in tasks]
+    results = [compare(c, t, n, args) for c in configs for t in tasks for n in args.seq_len]
     print(json.dumps({"env": env, "results": results}, indent=1))
 
 

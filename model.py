@@ -352,7 +352,10 @@ class SequenceClassifier(nn.Module):
         return torch.tanh(self.pooler(hidden[:, 0]))                     # (B, C)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)
+        B, T = (input_ids if embeddings is None else embeddings).shape[:2]
+        first = torch.arange(B, device=(input_ids if embeddings is None else embeddings).device) * T
+        # only [CLS] is pooled, so the last block computes only the [CLS] rows: (B, C) -> (B, 1, C)
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings, rows=first).unsqueeze(1)
         return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
 
 

@@ -67,6 +67,35 @@ def test_mlm_loss_on_masked_positions_equals_loss_over_all_positions():
         assert torch.allclose(ga[name], gb[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("unpad", [False, True])
+def test_last_block_on_selected_rows_equals_the_full_encoder_there(norm, unpad):
+    """Encoder(rows=...) runs the last block's position-wise half on the selected rows only."""
+    plain, sparse = twin(M.EncoderConfig(**TINY, norm=norm), unpad=unpad)
+    plain.eval(), sparse.eval()
+    ids, mask, types = ragged_batch()
+    rows = mask.flatten().nonzero().squeeze(1)[torch.tensor([0, 3, 11, 12, 20, 25])]   # real tokens only
+    with torch.no_grad():
+        full = plain.encoder(ids, mask, types).reshape(-1, TINY["hidden_size"])[rows]
+        picked = sparse.encoder(ids, mask, types, rows=rows)
+    assert picked.shape == (6, TINY["hidden_size"])
+    assert (full - picked).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_classifier_equals_pooling_the_full_encoder_output(unpad):
+    """SequenceClassifier runs its last block on the [CLS] rows only; the logits are those of the whole
+    encoder output pooled at [CLS]."""
+    torch.manual_seed(0)
+    model = M.SequenceClassifier(M.EncoderConfig(**TINY, unpad=unpad), num_labels=3).eval()
+    ids, mask, types = ragged_batch()
+    with torch.no_grad():
+        full = model.classifier(model.pool(model.encoder(ids, mask, types)))
+        assert (model(ids, mask, types) - full).abs().max() < 1e-5
+        embeddings = model.encoder.embed(ids, types)
+        assert (model(ids, mask, types, embeddings=embeddings) - full).abs().max() < 1e-5
+
+
 # -----------------------------------------------------------------------------------------------------
 # unpadded (packed) fine-tuning batches
 
@@ -188,8 +217,8 @@ def test_bench_builds_models_of_identical_size_and_shape():
     pytest.importorskip("pretrain")
     import bench
     for task in ("mlm", "cls"):
-        ours, _, _ = bench.build("ours", task, bench.CONFIGS["mini"], 128, "cpu")
-        hf, _, _ = bench.build("hf", task, bench.CONFIGS["mini"], 128, "cpu")
+        ours, _, _ = bench.build("ours", task, bench.CONFIGS["mini"], "cpu")
+        hf, _, _ = bench.build("hf", task, bench.CONFIGS["mini"], "cpu")
         assert M.count_parameters(ours) == M.count_parameters(hf), task
         assert ours.training and hf.training
         assert hf.config._attn_implementation == "sdpa"
