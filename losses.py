@@ -53,13 +53,17 @@ def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduc
 
 
 def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
-    """BCE(z, y) = -[y log s(z) + (1 - y) log(1 - s(z))], s the sigmoid, written in the stable form
-    max(z, 0) - z y + log(1 + exp(-|z|)), which never takes exp of a large positive number.  [eq:bce]
-    Its gradient is s(z) - y.  [eq:bce-grad]
+    """BCE(z, y) = -[y log s(z) + (1 - y) log(1 - s(z))], s the sigmoid.  [eq:bce]
+
+    s(z) is the softmax of the two logits (0, z), so both log-probabilities come from log_softmax above:
+    stable for any |z|, and with the exact gradient s(z) - y everywhere (the shortcut
+    max(z, 0) - z y + log(1 + exp(-|z|)) has the right value but a wrong subgradient at z = 0, exactly
+    where a zero-initialised head starts).  [eq:bce-grad]
     """
     z = _at_least_fp32(logits)
     y = targets.to(z.dtype)
-    per_item = z.clamp(min=0) - z * y + torch.log1p(torch.exp(-z.abs()))
+    logp = log_softmax(torch.stack([torch.zeros_like(z), z], dim=-1))   # (..., 2): log(1 - s(z)), log s(z)
+    per_item = -(y * logp[..., 1] + (1 - y) * logp[..., 0])
     return _reduce(per_item, reduction)
 
 

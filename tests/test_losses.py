@@ -61,6 +61,14 @@ def test_bce_equals_torch_and_gradient_is_sigmoid_minus_target():
     assert torch.allclose(z.grad, (torch.sigmoid(z.detach()) - y) / 32, atol=1e-7)
 
 
+def test_bce_gradient_is_exact_at_zero_logits():
+    """A zero-initialised head starts at z = 0: the gradient there must be s(0) - y = 0.5 - y."""
+    z = torch.zeros(4, requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    L.binary_cross_entropy_with_logits(z, y, reduction="sum").backward()
+    assert torch.allclose(z.grad, 0.5 - y)
+
+
 def test_mse_equals_torch():
     p, t = torch.randn(10), torch.randn(10)
     assert torch.allclose(L.mse(p, t), F.mse_loss(p, t))
