@@ -196,8 +196,9 @@ def parse_args(argv=None):
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
-    trainer.add_training_args(p, out="out/pretrain", max_steps=2000, batch_size=32, lr=1e-3, warmup=0.05,
-                              eval_every=250, save_every=500)
+    # defaults: a tiny model that visibly learns in a few minutes on a laptop CPU; real runs set these
+    trainer.add_training_args(p, out="out/pretrain", max_steps=500, batch_size=32, lr=1e-3, warmup=0.05,
+                              eval_every=100, save_every=250)
     args = p.parse_args(argv)
     if not 0 < args.mask_rate < 1:
         trainer.fail(f"--mask-rate {args.mask_rate}: expected a fraction between 0 and 1")
