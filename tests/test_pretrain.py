@@ -251,11 +251,12 @@ def test_tiny_model_loss_falls_on_real_corpus_within_200_steps(corpus, tmp_path,
     pretrain.main(["--data", str(corpus / "data"), "--eval-data", str(corpus / "wikitext"), "--model", "tiny",
                    "--objective", objective, "--seq-len", "64", "--batch-size", "8", "--max-steps", "200",
                    "--lr", "2e-3", "--eval-every", "100", "--eval-batches", "4", "--no-progress", "--out", str(out),
-                   "--log-every", "20"])
+                   "--log-every", "1"])
     evals = [r for r in log_lines(out) if "eval/loss" in r]
     first, last = evals[0], evals[-1]
     train = [r["loss"] for r in log_lines(out) if "loss" in r]
-    assert np.mean(train[-3:]) < train[0] - 0.8, train                  # from ~ln(2000) = 7.6 at the start
+    assert train[0] > np.log(2000) - 0.3                                # starts near uniform: ln(2000) = 7.6
+    assert np.mean(train[-20:]) < train[0] - 1.0, train[::20]
     assert last["eval/loss"] < first["eval/loss"]
     assert last["eval/loss"] < np.log(2000) - 1.0                       # far better than uniform over the vocab
     assert last["eval/wikitext/loss"] < np.log(2000) - 1.0              # also on held-out WikiText
