@@ -301,15 +301,20 @@ def main(argv=None):
     if args.memory_of:
         return memory_of(args)
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
         trainer.fail("bench.py compares against Hugging Face BERT: pip install transformers")
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     tasks = ["mlm", "cls"] if args.task == "all" else [args.task]
     env = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(args.device),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": args.amp,
+           "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(), "amp": args.amp,
            "compile": args.compile, "steps": args.steps, "warmup": args.warmup}
-    results = [compare(c, t, n, args) for c in configs for t in tasks for n in args.seq_len]
+    results = []
+    for c in configs:
+        for t in tasks:
+            for n in args.seq_len:
+                results.append(compare(c, t, n, args))
+                print(f"done: {c} {t} seq {results[-1]['seq_len']}: x{results[-1]['speedup']}", file=sys.stderr)
     print(json.dumps({"env": env, "results": results}, indent=1))
 
 

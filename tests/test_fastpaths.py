@@ -153,6 +153,15 @@ def test_unpad_without_a_mask_or_with_prefixes_is_the_plain_path():
     assert (a - b)[mask.bool()].abs().max() < 1e-5
 
 
+def test_no_mask_equals_an_all_ones_mask():
+    """Without padding, attention_mask=None skips building a mask and lets SDPA pick its fastest kernel."""
+    torch.manual_seed(0)
+    model = M.LanguageModel(M.EncoderConfig(**TINY)).eval()
+    ids = ragged_batch()[0]
+    with torch.no_grad():
+        assert (model(ids) - model(ids, torch.ones_like(ids))).abs().max() < 1e-5
+
+
 # -----------------------------------------------------------------------------------------------------
 # the optimizer, torch.compile, bf16
 
