@@ -49,7 +49,8 @@ def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduc
     if label_smoothing:
         nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
     nll = nll * keep
-    return _reduce(nll, reduction, count=int(keep.sum()))
+    # counting the kept rows is a device-to-host sync on GPU: only the mean needs it
+    return _reduce(nll, reduction, count=int(keep.sum()) if reduction == "mean" else None)
 
 
 def binary_cross_entropy_with_logits(logits, targets, reduction="mean"):
