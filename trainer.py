@@ -198,13 +198,19 @@ class StopRequested:
     """SIGTERM / SIGUSR1 (what schedulers send before pre-emption) ask for a checkpoint and a clean exit."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.previous = False, {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):     # not in the main thread: no handler
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def restore(self):
+        """Put the old handlers back when training ends: a process forked later (a worker pool) must die
+        on SIGTERM, not set a flag nobody reads."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
@@ -360,6 +366,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
         stop_now = torch.tensor(float(stop.requested or step == args.stop_at_step), device=dev)
         if dist_env.all_reduce_sum(stop_now).item() > 0 and step < args.max_steps:
             save()
+            stop.restore()
             if log:
                 log.close()
                 print(f"stopped at step {step}; checkpoint in {ckpt_path} (continue with --resume)")
@@ -370,6 +377,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     if monitor and os.path.exists(best_path):         # early stopping: put the best weights back
         raw.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
     save(final=True)
+    stop.restore()
     if log:
         log.close()
     return {"step": step, "stopped_early": stopped_early, "preempted": False, "last_eval": last_eval, "best": best}

@@ -41,6 +41,7 @@ import html
 import json
 import lzma
 import multiprocessing
+import signal
 import os
 import pathlib
 import re
@@ -324,6 +325,9 @@ _worker_tokenizer = None
 
 def _init_worker(model_path):
     global _worker_tokenizer
+    # a forked worker inherits the parent's signal handlers (a training loop's SIGTERM flag, say); it must
+    # die on SIGTERM, or Pool.terminate() waits for it forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from tokenizer import load_tokenizer
     _worker_tokenizer = load_tokenizer(model_path)
 

@@ -296,3 +296,16 @@ def test_bad_inputs_give_one_clear_error_each(corpus, tmp_path):
     res = run_cli(["--data", str(corpus / "data"), *TINY, "--out", str(out), "--resume"])
     assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr
     assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_training_puts_the_signal_handlers_back(tmp_path):
+    """A worker pool forked after training must still die on SIGTERM (Pool.terminate would hang)."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    class Data:
+        def micro_batch(self, step, index):
+            return {"x": torch.ones(2, 3), "num_targets": 2, "num_tokens": 2}
+
+    args = pretrain.parse_args(["--out", str(tmp_path), "--max-steps", "2", "--no-progress", "--eval-every", "0"])
+    trainer.train(torch.nn.Linear(3, 1), lambda m, b: m(b["x"]).sum(), Data(), args, trainer.Dist("cpu"))
+    assert signal.getsignal(signal.SIGTERM) is before
