@@ -116,9 +116,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    kw = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[impl]
-    if impl == "auto":
-        kw = {"fused": True}
+    kw = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
+          "plain": {"foreach": False}}[impl]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
 
 
