@@ -3,10 +3,10 @@
     python bench.py --config all --task all --threads 2                  # the CPU table in docs/performance.md
     python bench.py --config base --task mlm --device cuda --amp bf16 --compile --seq-len 512
 
-For each config and task it builds our model and the Hugging Face one with identical shapes, dropout (on)
-and AdamW hyper-parameters, then times the full training step (forward, backward, AdamW step, zero_grad) of
-the two ALTERNATELY in one process, so that machine noise hits both alike: warm-up steps, then the median
-of the timed steps. Both see the very same batches.
+For each config and task it builds our model and the Hugging Face one with identical shapes, dropout
+(0.1 and on, unless `--dropout`) and AdamW hyper-parameters, then times the full training step (forward,
+backward, AdamW step, zero_grad) of the two ALTERNATELY in one process, so that machine noise hits both
+alike: warm-up steps, then the median of the timed steps. Both see the very same batches.
 
     mlm: our LanguageModel + BERT masking + cross-entropy on the masked positions only (the LM head runs on
          those rows alone), against BertForMaskedLM(labels=...), which scores every position.
@@ -119,7 +119,9 @@ def hf_config(cfg: M.EncoderConfig, num_labels=2):
 
 def build(impl, task, cfg, device):
     """(model, optimizer, loss_fn) for impl "ours" or "hf"; loss_fn(model, batch) -> mean loss."""
-    ecfg = M.EncoderConfig.preset(cfg["preset"], vocab_size=cfg["vocab_size"], unpad=task == "cls")
+    drop = cfg.get("dropout", 0.1)
+    ecfg = M.EncoderConfig.preset(cfg["preset"], vocab_size=cfg["vocab_size"], unpad=task == "cls",
+                                  dropout=drop, attention_dropout=drop)
     if impl == "ours":
         model = M.LanguageModel(ecfg) if task == "mlm" else M.SequenceClassifier(ecfg, num_labels=2)
         opt = trainer.build_optimizer(model, ADAMW["lr"], ADAMW["weight_decay"], ADAMW["betas"], ADAMW["eps"])
@@ -192,7 +194,7 @@ def rss_kib(field):
 def cpu_peak_mib(impl, config, task, seq_len, batch_size, args):
     cmd = [sys.executable, str(ROOT / "bench.py"), "--memory-of", impl, "--config", config, "--task", task,
            "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(args.threads), "--amp", args.amp] + (["--compile"] if args.compile else [])
+           "--threads", str(args.threads), "--amp", args.amp, "--dropout", str(args.dropout)] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -201,8 +203,8 @@ def memory_of(args):
     """Subprocess body: imports as the parent did, then 1 + 3 steps of one implementation."""
     import transformers  # noqa: F401  (the parent imported it too: same baseline)
     base = rss_kib("VmRSS")
-    cfg = dict(CONFIGS[args.config])
-    seq_len, batch_size = args.seq_len[0], args.batch_size
+    cfg = dict(CONFIGS[args.config], dropout=args.dropout)
+    seq_len, batch_size = args.seq_len[0], args.batch_size[0]
     batches = mlm_batches(cfg, seq_len, batch_size) if args.task == "mlm" else cls_batches(cfg, seq_len, batch_size)[0]
     runner = Runner(args.memory_of, args.task, cfg, args)
     for i in range(4):
@@ -229,9 +231,9 @@ def profile_ops(runner, batches, top, steps=2):
 # the comparison
 
 
-def compare(config, task, seq_len, args):
-    cfg = dict(CONFIGS[config])
-    seq_len, batch_size = seq_len or cfg["seq_len"], args.batch_size or cfg["batch_size"]
+def compare(config, task, seq_len, batch_size, args):
+    cfg = dict(CONFIGS[config], dropout=args.dropout)
+    seq_len, batch_size = seq_len or cfg["seq_len"], batch_size or cfg["batch_size"]
     if task == "mlm":
         batches, source = mlm_batches(cfg, seq_len, batch_size), "random-text"
     else:
@@ -277,7 +279,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--seq-len", type=int, nargs="+", default=[0], help="MLM sequence length(s) / classification "
                    "truncation (0: the config's, 128)")
-    p.add_argument("--batch-size", type=int, default=0, help="0: the config's (mini 32, base 8)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[0], help="0: the config's (mini 32, base 8); "
+                   "one per --seq-len to pair them (e.g. --seq-len 128 512 --batch-size 256 64)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout of both models "
+                   "(BERT: 0.1; Cramming pre-trains with 0)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -289,9 +294,13 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         trainer.fail(f"--device: {args.device} was asked for but torch sees no CUDA device")
-    for flag in ("batch_size", "threads"):
-        if getattr(args, flag) < 0:
-            trainer.fail(f"--{flag.replace('_', '-')}: expected a number >= 0, got {getattr(args, flag)}")
+    if min(args.batch_size) < 0 or args.threads < 0:
+        trainer.fail(f"--batch-size/--threads: expected numbers >= 0, got {args.batch_size} and {args.threads}")
+    if len(args.batch_size) not in (1, len(args.seq_len)):
+        trainer.fail(f"--batch-size: give one size, or one per --seq-len ({len(args.seq_len)}), got {args.batch_size}")
+    batch_sizes = args.batch_size * len(args.seq_len) if len(args.batch_size) == 1 else args.batch_size
+    if not 0 <= args.dropout < 1:
+        trainer.fail(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
     if args.steps < 1 or args.warmup < 0:
         trainer.fail("--steps/--warmup: expected --steps >= 1 and --warmup >= 0")
     if not all(n == 0 or 4 <= n <= 512 for n in args.seq_len):
@@ -308,12 +317,12 @@ def main(argv=None):
     tasks = ["mlm", "cls"] if args.task == "all" else [args.task]
     env = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(args.device),
            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(), "amp": args.amp,
-           "compile": args.compile, "steps": args.steps, "warmup": args.warmup}
+           "dropout": args.dropout, "compile": args.compile, "steps": args.steps, "warmup": args.warmup}
     results = []
     for c in configs:
         for t in tasks:
-            for n in args.seq_len:
-                results.append(compare(c, t, n, args))
+            for n, b in zip(args.seq_len, batch_sizes):
+                results.append(compare(c, t, n, b, args))
                 print(f"done: {c} {t} seq {results[-1]['seq_len']}: x{results[-1]['speedup']}", file=sys.stderr)
     print(json.dumps({"env": env, "results": results}, indent=1))
 

@@ -249,11 +249,16 @@ def test_bench_prints_one_json_object_and_rejects_bad_flags():
     pytest.importorskip("transformers")
     pytest.importorskip("pretrain")
     run = [sys.executable, str(ROOT / "bench.py"), "--config", "mini", "--task", "cls", "--steps", "1",
-           "--warmup", "0", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
+           "--warmup", "0", "--seq-len", "16", "8", "--batch-size", "2", "3", "--threads", "1", "--dropout", "0"]
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)["results"][0]
+    printed = json.loads(out.stdout)
+    assert printed["env"]["dropout"] == 0.0
+    assert [(r["seq_len"], r["batch_size"]) for r in printed["results"]] == [(16, 2), (8, 3)]   # paired
+    result = printed["results"][0]
     assert result["task"] == "cls" and result["ours"]["tokens_per_s"] > 0 and result["hf"]["peak_mib"] > 0
-    bad = subprocess.run(run[:2] + ["--seq-len", "600"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --seq-len")
-    assert "Traceback" not in bad.stderr
+    for flags, named in [(["--seq-len", "600"], "--seq-len"), (["--seq-len", "16", "32", "--batch-size", "1", "2", "3"],
+                         "--batch-size"), (["--dropout", "1.5"], "--dropout")]:
+        bad = subprocess.run(run[:2] + flags, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.strip().startswith("error: " + named), bad.stderr
+        assert "Traceback" not in bad.stderr
