@@ -306,36 +306,36 @@ def model_mb(path: str) -> float:
     return sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / 2**20
 
 
-def latency_ms(predictor: Predictor, texts, pairs, batch: int, repeats: int) -> float:
-    """Median milliseconds per example over `repeats` passes of a fixed sample, in batches of `batch`
-    (tokenization included: what a caller waits for)."""
+def latencies_ms(predictors: list[Predictor], texts, pairs, batch: int, repeats: int) -> list[float]:
+    """Each predictor's median milliseconds per example over `repeats` passes of a fixed sample, in batches of
+    `batch` (tokenization included: what a caller waits for). The predictors take turns pass by pass, the
+    order flipping each pass, so that a busy neighbour on the machine slows them all alike (as in bench.py)."""
     n = min(len(texts), 64 if batch == 1 else 8 * batch)
     chunks = [(texts[i:i + batch], None if pairs is None else pairs[i:i + batch]) for i in range(0, n, batch)]
-    predictor(*chunks[0])                                            # warm-up: first-call allocations
-    times = []
-    for _ in range(repeats):
-        for t, p in chunks:
-            start = time.perf_counter()
-            predictor(t, p)
-            times.append((time.perf_counter() - start) * 1000 / len(t))
-    return statistics.median(times)
+    for predictor in predictors:
+        predictor(*chunks[0])                                        # warm-up: first-call allocations
+    times = [[] for _ in predictors]
+    for r in range(repeats):
+        order = range(len(predictors)) if r % 2 == 0 else reversed(range(len(predictors)))
+        for i in order:
+            for t, p in chunks:
+                start = time.perf_counter()
+                predictors[i](t, p)
+                times[i].append((time.perf_counter() - start) * 1000 / len(t))
+    return [statistics.median(t) for t in times]
 
 
-def measure(name: str, folder: str, texts, pairs, gold, task: str, repeats: int, reference=None) -> tuple:
-    """(one report row, the predictions: labels, or scores for regression) of one stage."""
-    predictor = Predictor([folder])
+def score(name: str, folder: str, predictor: Predictor, texts, pairs, gold, task: str, reference=None) -> tuple:
+    """(one report row without latencies, the predictions: labels, or scores for regression) of one stage."""
     out = predictor(texts, pairs)
     row = {"variant": name, "size_mb": model_mb(folder)}
     if task == "regression":
         from metrics import pearson
         row["pearson"] = pearson(gold.numpy(), out)
-        pred = out
-    else:
-        pred = out.argmax(axis=1)
-        row["accuracy"] = float((pred == gold.numpy()).mean())
-        row["agree_with_float"] = float((pred == reference).mean()) if reference is not None else 1.0
-    row["ms_batch1"] = latency_ms(predictor, texts, pairs, 1, repeats)
-    row["ms_batch32"] = latency_ms(predictor, texts, pairs, 32, repeats)
+        return row, out
+    pred = out.argmax(axis=1)
+    row["accuracy"] = float((pred == gold.numpy()).mean())
+    row["agree_with_float"] = float((pred == reference).mean()) if reference is not None else 1.0
     return row, pred
 
 
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
     p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
     p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
-    p.add_argument("--repeats", type=int, default=3, help="timing passes per measurement (the median is kept)")
+    p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
     p.add_argument("--text-col")
     p.add_argument("--text-pair-col")
@@ -489,11 +489,15 @@ def report(stages: list[tuple[str, str]], info: dict, args) -> None:
     """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage."""
     from finetune import write_json
     texts, pairs, gold = labelled(args.report, info, args)
+    predictors = [Predictor([folder]) for _, folder in stages]
     rows, reference = [], None
-    for name, folder in stages:
-        row, pred = measure(name, folder, texts, pairs, gold, info["task"], args.repeats, reference)
+    for (name, folder), predictor in zip(stages, predictors):
+        row, pred = score(name, folder, predictor, texts, pairs, gold, info["task"], reference)
         reference = pred if reference is None else reference
         rows.append(row)
+    for batch in (1, 32):
+        for row, ms in zip(rows, latencies_ms(predictors, texts, pairs, batch, args.repeats)):
+            row[f"ms_batch{batch}"] = ms
     print(format_report(rows))
     path = args.report_json or os.path.join(args.out, "report.json")
     write_json(path, {"dev": args.report, "threads": args.threads, "repeats": args.repeats, "rows": rows})
