@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import cross_entropy
+
 # -----------------------------------------------------------------------------------------------------
 # configuration
 
@@ -328,11 +330,17 @@ class LanguageModel(nn.Module):
         self.lm_head = LMHead(cfg, self.encoder.embed.tok)
         self.apply(init_weights)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, targets=None):
         """positions: flat indices into B*T where the logits are wanted; the last block and the head then
-        run on those M rows alone (MLM: ~15% of them)."""
+        run on those M rows alone (MLM: ~15% of them). targets: the id to predict at each of those rows
+        (B*T or M of them, -100 for none); when given, returns (logits, summed cross-entropy). The loss is
+        taken here, inside the module, so that torch.compile fuses the log-softmax over the vocabulary
+        with the head instead of running it as a dozen passes over the (M, V) logits (as nanoGPT does)."""
         hidden = self.encoder(input_ids, attention_mask, token_type_ids, rows=positions)  # (B, T, C) or (M, C)
-        return self.lm_head(hidden)                                       # (B, T, V) or (M, V)
+        logits = self.lm_head(hidden)                                     # (B, T, V) or (M, V)
+        if targets is None:
+            return logits
+        return logits, cross_entropy(logits.reshape(targets.numel(), -1), targets.reshape(-1), reduction="sum")
 
 
 class SequenceClassifier(nn.Module):

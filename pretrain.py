@@ -132,12 +132,12 @@ def lm_loss(model, batch):
     labels = batch["labels"].reshape(-1)
     if batch.get("causal"):
         # L_CLM = -sum_t log p(x_{t+1} | x_<=t)  [eq:clm-loss]
-        logits = model(batch["input_ids"])                                     # (B, T, V)
-        return losses.cross_entropy(logits.reshape(labels.numel(), -1), labels, reduction="sum")
+        _, loss = model(batch["input_ids"], targets=labels)                    # logits (B, T, V)
+        return loss
     # L_MLM = -sum_{i in masked} log p(x_i | x with the masked positions corrupted)  [eq:mlm-loss]
     positions = (labels != -100).nonzero().squeeze(1)                          # (M,) flat indices
-    logits = model(batch["input_ids"], positions=positions)                   # (M, V)
-    return losses.cross_entropy(logits, labels[positions], reduction="sum")
+    _, loss = model(batch["input_ids"], positions=positions, targets=labels[positions])   # logits (M, V)
+    return loss
 
 
 def evaluate(model, batches, dist_env, prefix=""):

@@ -151,6 +151,21 @@ def test_lm_head_on_selected_positions_equals_full_head():
     assert torch.allclose(full[positions], sparse, atol=1e-6)
 
 
+def test_language_model_with_targets_returns_the_summed_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    for causal in (False, True):
+        model = M.LanguageModel(M.EncoderConfig.preset("tiny", vocab_size=200, causal=causal)).eval()
+        ids, mask, types = padded_batch(vocab=200)
+        positions = None if causal else torch.tensor([0, 5, 13, 30])
+        targets = torch.randint(0, 200, (ids.numel() if causal else 4,))
+        targets[1] = -100                                                  # an ignored row adds nothing
+        logits, loss = model(ids, mask, types, positions=positions, targets=targets)
+        assert torch.equal(logits, model(ids, mask, types, positions=positions))
+        rows = logits.reshape(targets.numel(), -1)
+        expected = F.cross_entropy(rows, targets, ignore_index=-100, reduction="sum")
+        assert torch.allclose(loss, expected, atol=1e-5), (causal, loss, expected)
+
+
 def test_presets_follow_bert_miniatures():
     assert [(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) for c in
             map(M.EncoderConfig.preset, ["tiny", "mini", "small", "medium", "base"])] == [
