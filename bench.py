@@ -194,7 +194,8 @@ def rss_kib(field):
 def cpu_peak_mib(impl, config, task, seq_len, batch_size, args):
     cmd = [sys.executable, str(ROOT / "bench.py"), "--memory-of", impl, "--config", config, "--task", task,
            "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(args.threads), "--amp", args.amp, "--dropout", str(args.dropout)] + (["--compile"] if args.compile else [])
+           "--threads", str(args.threads), "--amp", args.amp, "--dropout", str(args.dropout)]
+    cmd += ["--compile"] if args.compile else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 

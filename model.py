@@ -334,8 +334,8 @@ class LanguageModel(nn.Module):
         """positions: flat indices into B*T where the logits are wanted; the last block and the head then
         run on those M rows alone (MLM: ~15% of them). targets: the id to predict at each of those rows
         (B*T or M of them, -100 for none); when given, returns (logits, summed cross-entropy). The loss is
-        taken here, inside the module, so that torch.compile fuses the log-softmax over the vocabulary
-        with the head instead of running it as a dozen passes over the (M, V) logits (as nanoGPT does)."""
+        taken here, inside the module, as nanoGPT's GPT.forward(idx, targets) does: torch.compile then fuses
+        the log-softmax over the vocabulary with the head, instead of a dozen eager passes over the logits."""
         hidden = self.encoder(input_ids, attention_mask, token_type_ids, rows=positions)  # (B, T, C) or (M, C)
         logits = self.lm_head(hidden)                                     # (B, T, V) or (M, V)
         if targets is None:
