@@ -71,8 +71,12 @@ def mask_tokens(tokens, generator, vocab_size, special_ids, mask_id, rate=0.15):
     eligible = ~torch.isin(tokens, specials)
     chosen = (torch.rand(tokens.shape, generator=generator) < rate) & eligible
     how = torch.rand(tokens.shape, generator=generator)
-    first_regular = max(special_ids) + 1 if max(special_ids) < 16 else 0   # SentencePiece: specials are 0..4
-    random_ids = torch.randint(first_regular, vocab_size, tokens.shape, generator=generator, dtype=tokens.dtype)
+    # random replacements come from the regular ids only, wherever the vocabulary puts its specials
+    # (SentencePiece: 0..4, so ids 5 and up; WordPiece: 0 and 100..103)
+    regular = torch.ones(vocab_size, dtype=torch.bool)
+    regular[[i for i in special_ids if i < vocab_size]] = False
+    regular = regular.nonzero().squeeze(1).to(tokens.dtype)
+    random_ids = regular[torch.randint(0, len(regular), tokens.shape, generator=generator)]
     inputs = torch.where(chosen & (how < 0.8), torch.full_like(tokens, mask_id), tokens)
     inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))

@@ -82,6 +82,18 @@ def test_mlm_mask_ratio_80_10_10():
     assert (inputs[chosen] >= 4).all(), "random replacements are never [PAD]/[UNK]/[CLS]/[SEP]"
 
 
+def test_mlm_random_replacements_skip_scattered_wordpiece_specials():
+    g = torch.Generator().manual_seed(0)
+    specials = {0, 100, 101, 102, 103}                                     # [PAD] [UNK] [CLS] [SEP] [MASK]
+    tokens = torch.randint(104, 110, (256, 256), generator=g)              # a vocabulary of 110 ids
+    inputs, labels = pretrain.mask_tokens(tokens, g, 110, specials, mask_id=103, rate=0.5)
+    chosen = labels != -100
+    replaced = chosen & (inputs != 103) & (inputs != tokens)
+    assert replaced.sum() > 500
+    assert not torch.isin(inputs[replaced], torch.tensor(sorted(specials))).any()
+    assert (inputs[replaced] < 100).any(), "ids below the specials are regular words here"
+
+
 def test_micro_batch_is_a_pure_function_of_step_and_index(corpus):
     args = pretrain.parse_args(["--data", str(corpus / "data"), *TINY])
     shards = pretrain.Shards(args.data)
