@@ -18,7 +18,6 @@ import sys
 import numpy as np
 import torch
 
-import losses
 import trainer
 from model import PRESETS, EncoderConfig, LanguageModel, save_hf_bert
 
@@ -131,17 +130,24 @@ class PretrainData:
 # the objective
 
 
-def lm_loss(model, batch):
-    """Summed cross-entropy over the real targets. For MLM the head runs only on the masked positions."""
+def lm_forward(model, batch):
+    """(logits, targets, summed cross-entropy) where a loss is taken: for MLM the head runs only on the
+    masked positions, (M, V) and (M,); for CLM on every position, (B*T, V) and (B*T,) with -100 rows ignored."""
     labels = batch["labels"].reshape(-1)
     if batch.get("causal"):
         # L_CLM = -sum_t log p(x_{t+1} | x_<=t)  [eq:clm-loss]
-        _, loss = model(batch["input_ids"], targets=labels)                    # logits (B, T, V)
-        return loss
+        logits, loss = model(batch["input_ids"], targets=labels)               # (B, T, V)
+        return logits.reshape(labels.numel(), -1), labels, loss
     # L_MLM = -sum_{i in masked} log p(x_i | x with the masked positions corrupted)  [eq:mlm-loss]
     positions = (labels != -100).nonzero().squeeze(1)                          # (M,) flat indices
-    _, loss = model(batch["input_ids"], positions=positions, targets=labels[positions])   # logits (M, V)
-    return loss
+    targets = labels[positions]
+    logits, loss = model(batch["input_ids"], positions=positions, targets=targets)   # (M, V)
+    return logits, targets, loss
+
+
+def lm_loss(model, batch):
+    """The training loss: summed cross-entropy over the real targets (the trainer divides by their count)."""
+    return lm_forward(model, batch)[2]
 
 
 def evaluate(model, batches, dist_env, prefix=""):
@@ -154,16 +160,10 @@ def evaluate(model, batches, dist_env, prefix=""):
     totals = torch.zeros(3, dtype=torch.float64, device=dev)                   # loss sum, targets, correct
     for batch in batches:
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-        labels = batch["labels"].reshape(-1)
-        positions = (labels != -100).nonzero().squeeze(1)
-        if batch.get("causal"):
-            logits = model(batch["input_ids"]).reshape(labels.numel(), -1)[positions]
-        else:
-            logits = model(batch["input_ids"], positions=positions)
-        targets = labels[positions]
-        totals += torch.stack([losses.cross_entropy(logits, targets, reduction="sum").double(),
-                               torch.tensor(float(targets.numel()), device=dev, dtype=torch.float64),
-                               (logits.argmax(-1) == targets).sum().double()])
+        logits, targets, loss = lm_forward(model, batch)                       # the training loss itself
+        real = targets != -100
+        correct = (logits.argmax(-1) == targets) & real
+        totals += torch.stack([loss.double(), real.sum().double(), correct.sum().double()])
     dist_env.all_reduce_sum(totals)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50)), f"{prefix}accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
