@@ -61,6 +61,30 @@ class Shards:
         return arr
 
 
+def batch_generator(seed: int, step: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The random source of micro-batch `index` of step `step`: a PCG64 stream keyed by all the numbers
+    (stream 0: training batches, 1: the fixed evaluation batches).
+
+    numpy's SeedSequence hashes the whole tuple into 128 bits of state, so no two (seed, step, index) share a
+    stream. (A torch.Generator keeps only 32 bits of its seed: packing the three numbers into one integer
+    made every --seed draw the same batches, and step s and s + 2^20 the same windows.)"""
+    return np.random.default_rng([seed, stream, step, index])
+
+
+def uniform(shape, generator) -> torch.Tensor:
+    """U[0, 1) floats from a numpy Generator or a torch.Generator."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator)
+    return torch.from_numpy(generator.random(tuple(shape), dtype=np.float32))
+
+
+def randint(high: int, shape, generator) -> torch.Tensor:
+    """Integers in [0, high) from a numpy Generator or a torch.Generator."""
+    if isinstance(generator, torch.Generator):
+        return torch.randint(0, high, tuple(shape), generator=generator)
+    return torch.from_numpy(generator.integers(0, high, tuple(shape), dtype=np.int64))
+
+
 def mask_tokens(tokens, generator, vocab_size, special_ids, mask_id, rate=0.15):
     """BERT masking. Each eligible (non-special) token is chosen with probability `rate`; a chosen token is
     replaced by [MASK] 80% of the time, by a random token 10%, and kept 10% (so the model cannot tell
@@ -68,14 +92,14 @@ def mask_tokens(tokens, generator, vocab_size, special_ids, mask_id, rate=0.15):
     -100 (ignored) elsewhere.  [eq:mlm-mask]"""
     specials = torch.tensor(sorted(special_ids), dtype=tokens.dtype)
     eligible = ~torch.isin(tokens, specials)
-    chosen = (torch.rand(tokens.shape, generator=generator) < rate) & eligible
-    how = torch.rand(tokens.shape, generator=generator)
+    chosen = (uniform(tokens.shape, generator) < rate) & eligible
+    how = uniform(tokens.shape, generator)
     # random replacements come from the regular ids only, wherever the vocabulary puts its specials
     # (SentencePiece: 0..4, so ids 5 and up; WordPiece: 0 and 100..103)
     regular = torch.ones(vocab_size, dtype=torch.bool)
     regular[[i for i in special_ids if i < vocab_size]] = False
     regular = regular.nonzero().squeeze(1).to(tokens.dtype)
-    random_ids = regular[torch.randint(0, len(regular), tokens.shape, generator=generator)]
+    random_ids = regular[randint(len(regular), tokens.shape, generator)]
     inputs = torch.where(chosen & (how < 0.8), torch.full_like(tokens, mask_id), tokens)
     inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))
@@ -113,15 +137,15 @@ class PretrainData:
                 "num_tokens": inputs.numel()}
 
     def micro_batch(self, step: int, index: int):
-        g = torch.Generator().manual_seed((self.args.seed << 40) ^ (step << 12) ^ index)
-        starts = torch.randint(0, len(self.stream) - self.body, (self.args.batch_size,), generator=g)
+        g = batch_generator(self.args.seed, step, index)
+        starts = randint(len(self.stream) - self.body, (self.args.batch_size,), g)
         return self.make_batch(starts, g)
 
     def eval_batches(self, n_batches: int, rank: int, world: int):
         """Fixed, non-overlapping windows from the start of the stream, masked with a fixed seed."""
         n = min(n_batches * self.args.batch_size, (len(self.stream) - 1) // self.body)
         starts = torch.arange(n) * self.body
-        g = torch.Generator().manual_seed(self.args.seed + 12345)
+        g = batch_generator(self.args.seed, 0, 0, stream=1)
         batches = [self.make_batch(starts[i:i + self.args.batch_size], g) for i in range(0, n, self.args.batch_size)]
         return batches[rank::world]
 
@@ -206,6 +230,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.mask_rate < 1:
         trainer.fail(f"--mask-rate {args.mask_rate}: expected a fraction between 0 and 1")
+    if args.seed < 0:
+        trainer.fail(f"--seed {args.seed}: expected a non-negative integer")
     if args.seq_len < 2:
         trainer.fail(f"--seq-len {args.seq_len}: expected at least 2")
     return args
