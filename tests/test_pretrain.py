@@ -104,6 +104,30 @@ def test_micro_batch_is_a_pure_function_of_step_and_index(corpus):
     assert (a["input_ids"][:, 0] == 2).all()                              # every window starts with [CLS]
 
 
+def test_seed_changes_the_batches_and_the_same_seed_repeats_them(corpus):
+    """--seed must matter: two seeds draw different windows and masks; one seed draws the same ones again.
+    (A torch.Generator keeps 32 bits of its seed: packing seed << 40 into it made every seed alike.)"""
+    def batch(seed, step=3, index=0):
+        args = pretrain.parse_args(["--data", str(corpus / "data"), *TINY, "--seed", str(seed)])
+        shards = pretrain.Shards(args.data)
+        return pretrain.PretrainData(shards.train, args, {0, 1, 2, 3, 4}, 2, 4, shards.vocab_size).micro_batch(step, index)
+
+    a, again, other = batch(1), batch(1), batch(2)
+    assert torch.equal(a["input_ids"], again["input_ids"]) and torch.equal(a["labels"], again["labels"])
+    assert not torch.equal(a["input_ids"], other["input_ids"])
+    assert not torch.equal(a["labels"] != -100, other["labels"] != -100), "the masks differ too"
+    assert not torch.equal(batch(1, 0, 0)["input_ids"], batch(1, 2 ** 20, 0)["input_ids"]), "no period of 2^20 steps"
+    assert not torch.equal(batch(1, 0, 1)["input_ids"], batch(1, 1, 0)["input_ids"])
+
+
+def test_batch_streams_are_distinct_for_every_seed_step_and_index():
+    """No two (seed, step, index) keys share a random stream, including keys that collided when they were
+    packed into one integer ((seed << 40) ^ (step << 12) ^ index)."""
+    keys = [(s, t, i) for s in (0, 1, 2 ** 24) for t in (0, 1, 2 ** 20, 2 ** 28) for i in (0, 1, 4096)]
+    draws = {tuple(pretrain.batch_generator(*k).integers(0, 2 ** 62, 2)) for k in keys}
+    assert len(draws) == len(keys)
+
+
 # -----------------------------------------------------------------------------------------------------
 # the loop: DDP == accumulation, resume, checkpoints, AMP
 

@@ -1,0 +1,151 @@
+"""Training parity with Hugging Face: not only the forward pass, but backward, AdamW, the schedule and
+clipping. The same initial weights go into our LanguageModel (trained by trainer.train, the real loop)
+and into transformers' BertForMaskedLM / BertLMHeadModel (trained by a plain reference loop written with
+torch.optim.AdamW); both see the same batches, dropout 0, fp32. Per-step losses and the final parameters
+must agree."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+import pretrain
+import trainer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CLS, SEP, MASK = 211, 2, 3, 4
+SPECIALS = {0, 1, CLS, SEP, MASK}
+STEPS, LR, WD, CLIP = 24, 3e-3, 0.01, 1.0
+
+
+def hf_config(**kw):
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                   attn_implementation="eager", **kw)
+
+
+def learnable_text(rows, length, g):
+    """Counting sequences over 60 ids (x, x+s, x+2s, ... mod 60): a model learns them in a few steps,
+    so the comparison covers a run whose loss really moves."""
+    start = torch.randint(0, 60, (rows, 1), generator=g)
+    stride = torch.randint(1, 3, (rows, 1), generator=g)
+    return MASK + 1 + (start + stride * torch.arange(length)) % 60
+
+
+def mlm_batches(n, seed=0):
+    """n MLM micro-batches with a different number of masked tokens in each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        tokens = learnable_text(3 + i % 3, 20, g)                                  # 3, 4 or 5 rows
+        tokens[:, 0], tokens[:, -1] = CLS, SEP
+        ids, labels = pretrain.mask_tokens(tokens, g, VOCAB, SPECIALS, MASK, rate=0.15 + 0.05 * (i % 4))
+        out.append({"input_ids": ids, "labels": labels, "num_targets": int((labels != -100).sum()),
+                    "num_tokens": ids.numel()})
+    return out
+
+
+def clm_batches(n, seed=0):
+    """Windows of T+1 tokens: ours reads tokens[:, :-1] and predicts tokens[:, 1:]."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        tokens = learnable_text(3, 17, g)
+        tokens[:, 0] = CLS
+        out.append({"tokens": tokens, "input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "causal": True,
+                    "num_targets": tokens[:, 1:].numel(), "num_tokens": tokens[:, :-1].numel()})
+    return out
+
+
+def train_ours(model, batches, grad_accum, tmp_path):
+    """trainer.train itself, as pretrain.py runs it: returns (per-step losses, parameters)."""
+    class Data:
+        def micro_batch(self, step, index):
+            return batches[step * grad_accum + index]
+
+    args = pretrain.parse_args(["--out", str(tmp_path), "--max-steps", str(STEPS), "--grad-accum", str(grad_accum),
+                                "--lr", str(LR), "--weight-decay", str(WD), "--warmup", "5", "--clip", str(CLIP),
+                                "--schedule", "linear", "--save-every", "0", "--eval-every", "0",
+                                "--log-every", "1", "--no-progress"])
+    trainer.train(model, pretrain.lm_loss, Data(), args, trainer.Dist("cpu"))
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    return losses, M.to_hf_state_dict(model)
+
+
+def train_reference(hf, batches, grad_accum, hf_loss):
+    """A plain loop over the reference model: torch.optim.AdamW with the same parameter groups (no decay on
+    tensors of < 2 dims), the same warm-up + linear decay, global-norm clipping, and each step's loss
+    averaged over all of its real targets (a micro-batch's mean loss weighted by its share of them)."""
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    warmup, losses = 5, []
+    for step in range(STEPS):
+        lr = LR * (step + 1) / warmup if step < warmup else LR * (1 - (step - warmup) / (STEPS - warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = batches[step * grad_accum:(step + 1) * grad_accum]
+        total = sum(b["num_targets"] for b in micro)
+        step_loss = 0.0
+        for b in micro:
+            loss = hf_loss(hf, b) * b["num_targets"] / total
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+        losses.append(step_loss)
+    return losses, {k.removeprefix("bert."): v for k, v in hf.state_dict().items()}
+
+
+def compare(ours, ref):
+    (our_losses, our_params), (ref_losses, ref_params) = ours, ref
+    assert len(our_losses) == len(ref_losses) == STEPS
+    for step, (a, b) in enumerate(zip(our_losses, ref_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: loss {a} vs {b}"
+    assert our_losses[-1] < our_losses[0] - 0.3, "the runs must actually learn for the comparison to mean something"
+    compared = 0
+    for name, p in our_params.items():
+        ref_p = ref_params[name]
+        if name.endswith("attention.self.key.bias"):
+            # softmax(q.(k_j + b)) = softmax(q.k_j + q.b): the same shift for every key, so the key bias has
+            # a zero gradient and both models only move it by rounding noise (~1e-9); compare absolutely
+            assert (p - ref_p).abs().max().item() < 1e-7, name
+            continue
+        scale = ref_p.abs().max().item()
+        assert (p - ref_p).abs().max().item() <= 1e-5 * scale, name
+        compared += 1
+    assert compared >= 30
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_mlm_training_matches_hf_bert_for_masked_lm_step_for_step(tmp_path, grad_accum):
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(hf_config())
+    hf.save_pretrained(tmp_path / "init")
+    ours = M.from_hf_bert(str(tmp_path / "init"), head="mlm", attention="math")
+    batches = mlm_batches(STEPS * grad_accum)
+    assert len({b["num_targets"] for b in batches}) > 3, "unequal masked counts are the point"
+
+    def hf_loss(m, b):     # HF's own loss: the mean cross-entropy over labels != -100
+        return m(input_ids=b["input_ids"], labels=b["labels"]).loss
+
+    compare(train_ours(ours, batches, grad_accum, tmp_path / "ours"), train_reference(hf, batches, grad_accum, hf_loss))
+
+
+def test_clm_training_matches_hf_bert_lm_head_model_step_for_step(tmp_path):
+    torch.manual_seed(1)
+    hf = transformers.BertLMHeadModel(hf_config(is_decoder=True))
+    hf.save_pretrained(tmp_path / "init")
+    ours = M.from_hf_bert(str(tmp_path / "init"), head="clm", attention="math")
+    batches = clm_batches(STEPS)
+
+    def hf_loss(m, b):     # HF shifts inside: logits at t predict the token at t + 1
+        return m(input_ids=b["tokens"], labels=b["tokens"]).loss
+
+    compare(train_ours(ours, batches, 1, tmp_path / "ours"), train_reference(hf, batches, 1, hf_loss))
