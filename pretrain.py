@@ -207,6 +207,49 @@ def sample(model, tokenizer, prompt_ids, new_tokens=40, temperature=0.8, top_k=4
 
 
 # -----------------------------------------------------------------------------------------------------
+# continued pre-training (--init): domain- and task-adaptive pre-training, Gururangan et al. 2020
+
+
+def init_from(folder: str, shards: "Shards", args) -> tuple[LanguageModel, str]:
+    """(LanguageModel, a note for the log) from a BERT-layout folder, for more pre-training on --data.
+
+    The folder's tokenizer must be the one --data was prepared with (ids mean words). A folder without an
+    LM head (all-MiniLM-L6-v2 ships the encoder only) gets a fresh one, its decoder tied to the word
+    embeddings, as BERT's is."""
+    from model import CheckpointError, from_hf_bert, read_hf_weights
+    from tokenizer import TokenizerError, load_tokenizer
+    if not os.path.isdir(folder):
+        raise ValueError(f"--init {folder}: no such folder (expected a pretrain.py output or a BERT-layout folder)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"--init {folder}: no config.json, so it is not a BERT-layout folder (expected config.json, "
+                         "model.safetensors and vocab.txt or tokenizer.model)")
+    try:
+        theirs, ours = load_tokenizer(folder), load_tokenizer(shards.tokenizer_path)
+    except TokenizerError as e:
+        raise ValueError(f"--init {folder}: {e}") from None
+    if (theirs.vocab_size != ours.vocab_size
+            or any(theirs.id_to_token(i) != ours.id_to_token(i) for i in range(ours.vocab_size))):
+        raise ValueError(f"--init {folder}: its tokenizer ({type(theirs).__name__}, {theirs.vocab_size} ids) is not the one "
+                         f"--data {args.data} was prepared with ({type(ours).__name__}, {ours.vocab_size} ids); prepare "
+                         f"the text with: python data/prepare.py --input ... --tokenizer {folder} --out DIR")
+    overrides = dict(attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout)
+    head = "clm" if args.objective == "clm" else "mlm"
+    try:
+        if any(k.startswith("cls.predictions.") for k in read_hf_weights(folder)):
+            model = from_hf_bert(folder, head=head, **overrides)
+            return model, f"continued from {folder} (encoder and LM head)"
+        encoder = from_hf_bert(folder, head=None, causal=args.objective == "clm", **overrides)
+    except CheckpointError as e:
+        raise ValueError(f"--init {e}") from None
+    if encoder.config.vocab_size != ours.vocab_size:
+        raise ValueError(f"--init {folder}: config.json says vocab_size {encoder.config.vocab_size} but its "
+                         f"tokenizer has {ours.vocab_size} ids")
+    model = LanguageModel(encoder.config)          # a fresh LM head, decoder tied to the word embeddings
+    model.encoder.load_state_dict(encoder.state_dict())
+    return model, f"continued from {folder} (encoder; it has no LM head: a new one is initialised, tied to the word embeddings)"
+
+
+# -----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -216,8 +259,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
                    "val.bin is evaluated too, e.g. WikiText test prepared with --val-only")
     p.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="masked or causal language modelling")
-    p.add_argument("--model", choices=list(PRESETS), default="tiny", help="size preset (BERT miniatures)")
-    p.add_argument("--norm", choices=["post", "pre"], default="post", help="LayerNorm placement")
+    p.add_argument("--init", metavar="DIR", help="continue pre-training a BERT-layout folder (a pretrain.py output, "
+                   "all-MiniLM-L6-v2, ...) instead of starting from random weights: domain/task-adaptive pre-training. "
+                   "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
+    p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
+    p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
@@ -230,6 +276,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.mask_rate < 1:
         trainer.fail(f"--mask-rate {args.mask_rate}: expected a fraction between 0 and 1")
+    if args.init is not None:
+        given = [f for f, v in (("--model", args.model), ("--norm", args.norm)) if v is not None]
+        if given:
+            trainer.fail(f"{' and '.join(given)}: the architecture comes from --init {args.init}; drop {' and '.join(given)}")
+        if args.resume:
+            trainer.fail(f"--init {args.init} with --resume: a resumed run continues its own checkpoint; "
+                         "give one of them (--init starts a new run in a fresh --out)")
+    args.preset_given = args.model is not None or args.norm is not None
+    args.model, args.norm = args.model or "tiny", args.norm or "post"
     if args.seed < 0:
         trainer.fail(f"--seed {args.seed}: expected a non-negative integer")
     if args.seq_len < 2:
@@ -261,9 +316,15 @@ def run(args, dist_env):
     if tok.vocab_size != shards.vocab_size:
         raise ValueError(f"--data {args.data}: meta.json says vocab_size {shards.vocab_size} but "
                          f"{shards.tokenizer_path} has {tok.vocab_size} pieces (shards from another tokenizer?)")
-    cfg = EncoderConfig.preset(args.model, vocab_size=tok.vocab_size, norm=args.norm, causal=args.objective == "clm",
-                               attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout,
-                               pad_id=tok.pad_id)
+    torch.manual_seed(args.seed)
+    if args.init:
+        model, note = init_from(args.init, shards, args)
+        cfg = model.config
+    else:
+        cfg = EncoderConfig.preset(args.model, vocab_size=tok.vocab_size, norm=args.norm, causal=args.objective == "clm",
+                                   attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout,
+                                   pad_id=tok.pad_id)
+        model, note = LanguageModel(cfg), f"{args.model} model from random weights"
     if args.seq_len > cfg.max_position:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max positions ({cfg.max_position})")
     specials = {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id}
@@ -283,17 +344,23 @@ def run(args, dist_env):
         def micro_batch(self, step, index):
             return dict(train_data.micro_batch(step, index), causal=causal)
 
-    torch.manual_seed(args.seed)
-    model = LanguageModel(cfg)
     ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
     if args.resume and (args.resume != "auto" or os.path.exists(ckpt_path)):
         saved = trainer.load_checkpoint(ckpt_path).get("model_config")
+        if saved is not None and saved != cfg.to_dict() and not args.preset_given:
+            # a run started with --init (or another preset) resumes with its own architecture
+            cfg = EncoderConfig.from_dict({**saved, "attention": args.attention, "dropout": args.dropout,
+                                           "attention_dropout": args.dropout})
+            model, note = LanguageModel(cfg), f"the architecture saved in {ckpt_path}"
         if saved is not None and saved != cfg.to_dict():
             raise ValueError(f"--resume {ckpt_path}: it was trained with another model config "
                              f"({', '.join(k for k in saved if saved[k] != cfg.to_dict().get(k))} differ)")
+    elif os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        raise ValueError(f"--out {args.out} already holds a run (checkpoint.pt): continue it with --resume, "
+                         "or give another --out (nothing was overwritten)")
     if dist_env.is_main:
         n = sum(p.numel() for p in model.parameters())
-        print(f"{args.objective} pre-training: {args.model} model, {n / 1e6:.2f}M parameters, "
+        print(f"{args.objective} pre-training: {note}, {n / 1e6:.2f}M parameters, "
               f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}")
 
     def eval_fn(m):

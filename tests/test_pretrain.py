@@ -14,7 +14,7 @@ import torch
 
 import pretrain
 import trainer
-from conftest import ROOT, require_data
+from conftest import ROOT, minilm_dir, require_data
 
 TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--log-every", "1",
         "--eval-batches", "2", "--dropout", "0"]
@@ -332,6 +332,55 @@ def test_bad_inputs_give_one_clear_error_each(corpus, tmp_path):
     res = run_cli(["--data", str(corpus / "data"), *TINY, "--out", str(out), "--resume"])
     assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr
     assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_init_bad_inputs_one_clear_error_each_and_nothing_overwritten(corpus, tmp_path):
+    """--init on a folder without config.json, a tokenizer that is not --data's, --init with --resume, and a
+    fresh run into a folder that already holds one: one line each, the existing files untouched."""
+    (tmp_path / "no_config").mkdir()
+    res = run_cli(["--data", str(corpus / "data"), "--init", str(tmp_path / "no_config"), "--out", str(tmp_path / "o1")])
+    assert res.returncode == 2 and "no config.json" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), "--init", str(minilm_dir()), "--out", str(tmp_path / "o2")])
+    assert res.returncode == 2 and "is not the one --data" in res.stderr and "--tokenizer" in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), "--init", str(minilm_dir()), "--resume", "--out", str(tmp_path / "o3")])
+    assert res.returncode == 2 and "--init" in res.stderr and "--resume" in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), "--init", str(minilm_dir()), "--model", "mini"])
+    assert res.returncode == 2 and "drop --model" in res.stderr
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    run_dir = tmp_path / "run"
+    assert run_cli(["--data", str(corpus / "data"), *TINY, "--max-steps", "2", "--out", str(run_dir)]).returncode == 0
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--max-steps", "2", "--out", str(run_dir)])
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_continued_pretraining_of_minilm_on_wordpiece_shards_learns_and_fine_tunes(tmp_path):
+    """pretrain.py --init all-MiniLM-L6-v2 (an encoder without an MLM head) on shards made with its own
+    WordPiece vocabulary: a tied head is initialised, the MLM loss falls, the result resumes with its own
+    architecture and fine-tunes."""
+    from data.prepare import prepare
+    prepare([str(require_data("wiki", "text", "AA", "wiki_00.xz"))], str(tmp_path / "wp"), tokenizer=str(minilm_dir()),
+            val_fraction=0.05, quiet=True, workers=1)
+    out = tmp_path / "cpt"
+    args = ["--data", str(tmp_path / "wp"), "--init", str(minilm_dir()), "--seq-len", "32", "--batch-size", "8",
+            "--lr", "2e-4", "--warmup", "2", "--eval-every", "10", "--eval-batches", "2", "--log-every", "1",
+            "--no-progress", "--out", str(out)]
+    res = run_cli([*args, "--max-steps", "30", "--stop-at-step", "20"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no LM head: a new one is initialised, tied to the word embeddings" in res.stdout
+    res = run_cli([a for a in args if a not in ("--init", str(minilm_dir()))] + ["--max-steps", "30", "--resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    evals = [r["eval/loss"] for r in log_lines(out) if "eval/loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.2, evals
+    import model as M
+    lm = M.from_hf_bert(str(out), head="mlm")
+    assert lm.lm_head.tok_embedding[0].weight is lm.encoder.embed.tok.weight
+    import finetune
+    result = finetune.run(["--task", "binary", "--init", str(out), "--max-steps", "3", "--batch-size", "4",
+                           "--no-progress", "--out", str(tmp_path / "ft"), "--save-every", "0"])
+    assert result["metrics"]["steps"] == 3 and result["info"]["init"] == str(out)
+    assert (tmp_path / "ft" / "config.json").is_file()
 
 
 def test_training_puts_the_signal_handlers_back(tmp_path):
