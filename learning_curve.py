@@ -1,0 +1,315 @@
+"""Does pre-training pay? Fine-tune on growing labelled subsets and plot accuracy against their size.
+
+    python learning_curve.py --train ../shared/data/sst2/train.tsv --dev ../shared/data/sst2/dev.tsv \\
+        --pretrained out/pretrain-mini --also all-MiniLM-L6-v2=$M --sizes 500 1000 4000 16000 all --seeds 3
+
+Rows ("arms"), each fine-tuned with the same recipe on the same fixed, nested subsets (the first N of one
+seeded shuffle of the training file), several seeds each, the median reported:
+  random      the --pretrained folder's architecture and tokenizer with fresh random weights (a new draw per seed)
+  pretrained  the --pretrained folder as it is
+  tapt        the --pretrained folder after task-adaptive pre-training: more MLM on the training file's own
+              text, labels dropped (Gururangan et al. 2020), once, then fine-tuned like the others
+  NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
+  bow         bag-of-words logistic regression (baseline.py): convex, so one run per size
+It runs on any binary (or multi-class) task file that finetune.py reads. Every finished run is kept under
+--out/runs, so an interrupted or extended curve only runs what is missing. Writes curve.json, curve.png
+and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------------------------------
+# the fine-tuning recipe: one for every arm, so only the starting weights differ
+
+
+def fine_tune_steps(n: int, batch_size: int, epochs: float, min_steps: int, max_steps: int) -> int:
+    """`epochs` passes over the subset, but at least `min_steps` updates (a tiny subset still needs enough
+    steps to move a randomly initialised head) and at most `max_steps` (the CPU budget)."""
+    return int(min(max(min_steps, math.ceil(epochs * n / batch_size)), max_steps))
+
+
+def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float, out: pathlib.Path,
+              a) -> dict:
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
+           "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
+           "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
+           "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+    return run_logged(cmd, out, out / "metrics.json")
+
+
+def run_logged(cmd, out: pathlib.Path, result: pathlib.Path) -> dict:
+    """Run one job as a subprocess (a fresh process each: no state leaks from one run into the next), its
+    output to out/log.txt; return its result file, or stop the whole curve with the job's last lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+        sys.exit(f"error: {' '.join(cmd[1:3])} ... failed (exit {code}); the end of {out / 'log.txt'}:\n  "
+                 + "\n  ".join(tail))
+    return json.loads(result.read_text())
+
+
+# -----------------------------------------------------------------------------------------------------
+# data: nested subsets of the training file, and its text alone for task-adaptive pre-training
+
+
+def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> dict:
+    """{N: path}: the first N examples of one seeded permutation, so every subset contains the smaller ones."""
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(shuffle_seed).permutation(len(examples.texts))
+    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    paths = {}
+    for n in sizes:
+        path = folder / f"train_{n}.tsv"
+        if not path.is_file():
+            with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+                f.write("sentence\tlabel\n")
+                for i in order[:n]:
+                    f.write(f"{clean(examples.texts[i])}\t{clean(examples.labels[i])}\n")
+            os.replace(path.with_suffix(".tmp"), path)
+        paths[n] = path
+    return paths
+
+
+def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib.Path, a) -> str:
+    """More MLM on the task's own training text, labels dropped: prepare it with the pre-trained folder's
+    tokenizer, then pretrain.py --init. Done once; reused by every size and seed."""
+    model_dir = folder / "model"
+    if (model_dir / "config.json").is_file() and (model_dir / "checkpoint.pt").is_file():
+        done = json.loads((model_dir / "tapt.json").read_text()) if (model_dir / "tapt.json").is_file() else {}
+        if done.get("steps") == a.tapt_steps and done.get("init") == pretrained:
+            return str(model_dir)
+    text_dir = folder / "text"
+    text_dir.mkdir(parents=True, exist_ok=True)
+    per_doc = 200          # sentences per document, so the split into train/val is by document
+    for k in range(0, len(texts), per_doc):
+        (text_dir / f"part{k // per_doc:05d}.txt").write_text("\n".join(texts[k:k + per_doc]) + "\n", encoding="utf-8")
+    python = sys.executable
+    run_logged([python, str(ROOT / "data" / "prepare.py"), "--input", str(text_dir), "--out", str(folder / "shards"),
+                "--tokenizer", pretrained, "--min-chars", "1", "--val-fraction", "0.02", "--workers", "1", "--quiet"],
+               folder / "prepare", folder / "shards" / "meta.json")
+    if model_dir.exists():
+        import shutil
+        shutil.rmtree(model_dir)
+    t0 = time.time()
+    run_logged([python, str(ROOT / "pretrain.py"), "--init", pretrained, "--data", str(folder / "shards"),
+                "--seq-len", str(a.tapt_seq_len), "--batch-size", "32", "--max-steps", str(a.tapt_steps),
+                "--lr", str(a.tapt_lr), "--warmup", "0.06", "--dropout", "0", "--mask-rate", str(a.tapt_mask_rate),
+                "--eval-every", str(max(1, a.tapt_steps // 4)), "--eval-batches", "10", "--save-every", "0",
+                "--no-progress", "--out", str(model_dir)], model_dir, model_dir / "config.json")
+    (model_dir / "tapt.json").write_text(json.dumps({"init": pretrained, "steps": a.tapt_steps,
+                                                     "seconds": round(time.time() - t0, 1)}))
+    return str(model_dir)
+
+
+def random_copy(pretrained: str, seed: int, folder: pathlib.Path) -> str:
+    """The pre-trained folder's architecture and tokenizer with fresh weights (init_weights, as pretrain.py
+    starts), drawn with `seed`."""
+    out = folder / f"random_seed{seed}"
+    if not (out / "config.json").is_file():
+        import torch
+        from model import LanguageModel, from_hf_bert, save_hf_bert
+        from tokenizer import load_tokenizer
+        config = from_hf_bert(pretrained, head=None).config
+        torch.manual_seed(seed)
+        save_hf_bert(LanguageModel(config), str(out), load_tokenizer(pretrained))
+    return str(out)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the table and the picture
+
+
+def summarise(results: dict, arms: list[str], sizes: list) -> dict:
+    """{arm: {N: {"median", "min", "max", "runs"}}} of dev accuracy (in %)."""
+    table = {}
+    for arm in arms:
+        table[arm] = {}
+        for n in sizes:
+            accs = [100 * r["accuracy"] for r in results.get(arm, {}).get(str(n), [])]
+            if accs:
+                table[arm][str(n)] = {"median": statistics.median(accs), "min": min(accs), "max": max(accs),
+                                      "runs": accs}
+    return table
+
+
+def format_curve(table: dict, sizes: list, labels: dict) -> str:
+    head = f"{'':20}" + "".join(f"{labels[n]:>21}" for n in sizes)
+    lines = ["dev accuracy %, median of seeds [min-max]", head]
+    for arm, row in table.items():
+        cells = []
+        for n in sizes:
+            c = row.get(str(n))
+            cells.append("-".rjust(21) if c is None else f"{c['median']:.2f} [{c['min']:.1f}-{c['max']:.1f}]".rjust(21)
+                         if len(c["runs"]) > 1 else f"{c['median']:.2f}".rjust(21))
+        lines.append(f"{arm:20}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_curve(table: dict, counts: dict, path: pathlib.Path, title: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no curve.png written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, row in table.items():
+        ns = [n for n in row]
+        x = [counts[n] for n in ns]
+        med = [row[n]["median"] for n in ns]
+        err = [[row[n]["median"] - row[n]["min"] for n in ns], [row[n]["max"] - row[n]["median"] for n in ns]]
+        ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label=arm, linestyle="--" if arm == "bow" else "-")
+    ax.set_xscale("log")
+    ticks = sorted({counts[n] for row in table.values() for n in row})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training examples (log scale)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train", required=True, help="labelled training file (TSV/CSV/JSONL with a header, or CoLA)")
+    p.add_argument("--dev", required=True, nargs="+", help="dev file(s) the accuracy is measured on")
+    p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
+    p.add_argument("--pretrained", help="a pretrain.py output: gives the random, pretrained and tapt rows")
+    p.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="more BERT-layout folders to compare")
+    p.add_argument("--arms", default="random,pretrained,tapt,also,bow", help="which rows to run")
+    p.add_argument("--sizes", nargs="+", default=["500", "1000", "4000", "16000", "all"])
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per size (the median is reported)")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="the one shuffle the nested subsets are cut from")
+    p.add_argument("--out", default="out/curve")
+    g = p.add_argument_group("fine-tuning recipe (the same for every arm)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--also-lr", type=float, help="learning rate for the --also folders (default --lr)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--epochs", type=float, default=3)
+    g.add_argument("--min-steps", type=int, default=300)
+    g.add_argument("--max-steps", type=int, default=1500, help="cap per run (the CPU budget)")
+    g.add_argument("--warmup", type=float, default=0.1)
+    g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
+    g = p.add_argument_group("task-adaptive pre-training")
+    g.add_argument("--tapt-steps", type=int, default=1000)
+    g.add_argument("--tapt-lr", type=float, default=5e-4)
+    g.add_argument("--tapt-seq-len", type=int, default=128)
+    g.add_argument("--tapt-mask-rate", type=float, default=0.25)
+    a = p.parse_args(argv)
+    arms = a.arms.split(",")
+    unknown = set(arms) - {"random", "pretrained", "tapt", "also", "bow"}
+    if unknown:
+        p.error(f"--arms: unknown {', '.join(sorted(unknown))} (choose from random,pretrained,tapt,also,bow)")
+    if {"random", "pretrained", "tapt"} & set(arms) and not a.pretrained:
+        p.error("--pretrained DIR is needed for the random, pretrained and tapt rows (or drop them from --arms)")
+    if a.pretrained and not (pathlib.Path(a.pretrained) / "config.json").is_file():
+        p.error(f"--pretrained {a.pretrained}: no config.json (expected a pretrain.py output folder)")
+    for item in a.also:
+        name, _, folder = item.partition("=")
+        if not name or not (pathlib.Path(folder) / "config.json").is_file():
+            p.error(f"--also {item}: expected NAME=DIR with DIR a BERT-layout folder holding config.json")
+    for s in a.sizes:
+        if s != "all" and (not s.isdigit() or int(s) < 1):
+            p.error(f"--sizes: {s!r} is neither a positive count nor 'all'")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from data.tasks import TaskDataError, read_examples
+    try:
+        examples = read_examples([a.train])
+        read_examples(a.dev)
+    except (TaskDataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    total = len(examples.texts)
+    counts = {s: total if s == "all" else min(int(s), total) for s in a.sizes}
+    out = pathlib.Path(a.out)
+    subsets = write_subsets(examples, sorted(set(counts.values())), out / "data", a.shuffle_seed)
+    arms = a.arms.split(",")
+
+    runs = []           # (arm, init folder or None, lr)
+    if "random" in arms:
+        runs.append(("random", None, a.lr))
+    if "pretrained" in arms:
+        runs.append(("pretrained", a.pretrained, a.lr))
+    if "tapt" in arms:
+        print(f"task-adaptive pre-training of {a.pretrained} on {total:,} training texts ({a.tapt_steps} steps)")
+        runs.append(("pretrained + TAPT", task_adaptive_pretraining(a.pretrained, examples.texts, out / "tapt", a), a.lr))
+    if "also" in arms:
+        runs += [(item.split("=", 1)[0], item.split("=", 1)[1], a.also_lr or a.lr) for item in a.also]
+
+    results = json.loads((out / "curve.json").read_text())["runs"] if (out / "curve.json").is_file() else {}
+    order = [arm for arm, _, _ in runs] + (["bow"] if "bow" in arms else [])
+
+    def record(arm, size, metrics_, extra):
+        results.setdefault(arm, {}).setdefault(str(size), [])
+        results[arm][str(size)] = [r for r in results[arm][str(size)] if r.get("seed") != extra.get("seed")]
+        results[arm][str(size)].append({"accuracy": metrics_["dev"]["accuracy"] if "dev" in metrics_ else metrics_["accuracy"],
+                                        **extra})
+        save()
+
+    def save():
+        table = summarise(results, order, a.sizes)
+        (out / "curve.json").write_text(json.dumps({"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
+                                                    "table": table, "runs": results}, indent=1))
+
+    for size in a.sizes:
+        n = counts[size]
+        if "bow" in arms:
+            folder = out / "runs" / "bow" / f"n{n}"
+            if not (folder / "metrics.json").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                run_logged([sys.executable, str(ROOT / "baseline.py"), "--train", str(subsets[n]), "--dev", *a.dev,
+                            "--task", a.task, "--out", str(folder / "metrics.json")], folder, folder / "metrics.json")
+            record("bow", size, json.loads((folder / "metrics.json").read_text()), {"seed": 0})
+        steps = fine_tune_steps(n, a.batch_size, a.epochs, a.min_steps, a.max_steps)
+        for seed in range(1, a.seeds + 1):
+            for arm, init, lr in runs:
+                folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
+                if (folder / "metrics.json").is_file():
+                    m = json.loads((folder / "metrics.json").read_text())
+                else:
+                    start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
+                    t0 = time.time()
+                    m = fine_tune(start, subsets[n], a.dev, seed, steps, lr, folder, a)
+                    print(f"{arm:20} N={n:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
+                          f"({steps} steps, {time.time() - t0:.0f} s)", flush=True)
+                    for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
+                        (folder / big).unlink(missing_ok=True)
+                record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
+    table = summarise(results, order, a.sizes)
+    labels = {s: (f"all ({counts[s]:,})" if s == "all" else f"{counts[s]:,}") for s in a.sizes}
+    print(format_curve(table, a.sizes, labels))
+    plot_curve(table, {s: counts[s] for s in a.sizes}, out / "curve.png",
+               f"{pathlib.Path(a.train).name}: dev accuracy vs labelled examples")
+    print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
