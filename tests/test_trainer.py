@@ -1,0 +1,38 @@
+"""trainer.py's pieces as a specification, one at a time (the whole loop is pinned by test_pretrain.py)."""
+import math
+
+import pytest
+
+import trainer
+
+
+def test_lr_warms_up_linearly_from_zero_to_the_peak():
+    # step s < warmup gives max_lr (s + 1) / warmup: the first step is already above 0, the last one at the peak
+    assert [trainer.lr_at(s, 1.0, 4, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_linear_decay_reaches_zero_at_max_steps_and_stays_there():
+    lrs = [trainer.lr_at(s, 2.0, 10, 110) for s in (10, 60, 110, 200)]
+    assert lrs == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_cosine_decay_passes_half_the_peak_halfway():
+    assert trainer.lr_at(10, 1.0, 10, 110, "cosine") == 1.0
+    assert trainer.lr_at(60, 1.0, 10, 110, "cosine") == pytest.approx(0.5)
+    assert trainer.lr_at(35, 1.0, 10, 110, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert trainer.lr_at(110, 1.0, 10, 110, "cosine") == pytest.approx(0.0)
+
+
+def test_min_ratio_is_the_floor_of_the_decay():
+    assert trainer.lr_at(110, 1.0, 10, 110, "linear", min_ratio=0.1) == pytest.approx(0.1)
+    assert trainer.lr_at(60, 1.0, 10, 110, "linear", min_ratio=0.1) == pytest.approx(0.55)
+    assert trainer.lr_at(110, 1.0, 10, 110, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_constant_schedule_holds_the_peak_after_warm_up():
+    assert [trainer.lr_at(s, 3e-4, 2, 10, "constant") for s in (0, 1, 2, 9, 50)] == [1.5e-4, 3e-4, 3e-4, 3e-4, 3e-4]
+
+
+def test_no_warm_up_starts_at_the_peak():
+    assert trainer.lr_at(0, 1.0, 0, 10) == 1.0
+    assert trainer.lr_at(5, 1.0, 0, 10) == pytest.approx(0.5)
