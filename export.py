@@ -5,11 +5,11 @@
 
 Read beside docs/deployment.md. The steps run in this order, each optional:
 
-    load (finetune.load_finetuned) -> merge LoRA -> remove N attention heads (least important first)
+    load (finetuned.load_finetuned) -> merge LoRA -> remove N attention heads (least important first)
         -> global magnitude pruning of the encoder's Linear weights -> int8 -> write DST
 
 DST is inference-only: config.json + weights + tokenizer + labels.json. A float result is the BERT layout
-(model.safetensors), read by finetune.load_finetuned like any fine-tuned folder; an int8 result stores
+(model.safetensors), read by finetuned.load_finetuned like any fine-tuned folder; an int8 result stores
 model.int8.safetensors (int8 codes + per-row scale and zero point, no pickled code), read by `load_int8`.
 predict.load_model picks between the two. `--report DEV` measures every stage side by side.
 """
@@ -166,7 +166,7 @@ def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
     """DST as described at the top. The weights are plain now (LoRA merged, other methods only chose what
     trained), so labels.json says method "full": nothing to re-apply on loading; `export` keeps the story."""
     from safetensors.torch import save_file
-    from finetune import save_finetuned, write_json
+    from finetuned import save_finetuned, write_json
     info = info | {"method": "full", "peft": None}
     if not is_int8(model):
         save_finetuned(out, model, tokenizer, info)          # BERT layout + labels.json, for load_finetuned
@@ -214,7 +214,7 @@ def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int 
     """Michel et al. (2019): multiply each head's output by a gate xi_h = 1 and take I_h = sum over batches
     of |dL/dxi_h|, how much the loss would move if the head were scaled down; then normalise each layer's
     scores to unit L2 norm (their finding: this ranks heads across layers better)."""
-    from finetune import task_loss
+    from finetuned import TASKS
     blocks = model.encoder.blocks
     gates = [torch.ones(b.attn.num_heads, requires_grad=True) for b in blocks]
 
@@ -229,7 +229,7 @@ def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int 
                 enc = tokenizer(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size],
                                 max_length=info["max_length"])
                 logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-                loss = task_loss(info["task"], gold[i:i + batch_size])(logits)     # finetune.py's loss
+                loss = TASKS[info["task"]].loss(logits, gold[i:i + batch_size])   # the fine-tuning loss
                 grads = torch.autograd.grad(loss, gates)
                 for s, g in zip(scores, grads):
                     s += g.abs()                 # I_h = sum_batches |dL/dxi_h|  [eq:head-importance]
@@ -487,7 +487,7 @@ def export_onnx(model, tokenizer, info, out: str) -> None:
 
 def report(stages: list[tuple[str, str]], info: dict, args) -> None:
     """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage."""
-    from finetune import write_json
+    from finetuned import write_json
     texts, pairs, gold = labelled(args.report, info, args)
     predictors = [Predictor([folder]) for _, folder in stages]
     rows, reference = [], None

@@ -4,7 +4,8 @@ Read beside docs/transformer.md: every equation there carries a label (eq:attent
 place in this file that computes it carries the same label in a comment.
 
     EncoderConfig -> Embeddings -> SelfAttention + FeedForward = Block -> Encoder
-                  -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear)
+                  -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear),
+                            SentenceEncoder (one pooled vector, no head: SimCSE)
 
 Layer names are our own; `HF_BERT_NAMES` near the bottom maps them to the Hugging Face BERT checkpoint
 layout in one table, so `from_hf_bert` / `save_hf_bert` are a short, explicit translation.
@@ -367,6 +368,22 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
 
 
+class SentenceEncoder(nn.Module):
+    """An encoder giving one vector per sequence: the [CLS] hidden state ("cls": SimCSE's
+    cls-before-pooler) or the mean over real tokens ("mean")."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
+        super().__init__()
+        self.encoder, self.config, self.pooling = encoder, encoder.config, pooling
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)         # (B, T, C)
+        if self.pooling == "cls":
+            return h[:, 0]                                                                # (B, C)
+        m = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)                                     # (B, C)
+
+
 def init_weights(module):
     """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -380,6 +397,12 @@ def init_weights(module):
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself behind the wrappers training puts around it (DDP's .module, torch.compile's ._orig_mod)."""
+    model = getattr(model, "module", model)          # DDP
+    return getattr(model, "_orig_mod", model)        # torch.compile
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer import unwrap
+from model import unwrap
 
 METHODS = ("full", "top", "bitfit", "adapter", "lora", "prefix")
 

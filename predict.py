@@ -28,13 +28,13 @@ class InputError(ValueError):
 
 def load_model(path: str):
     """(model, tokenizer, info) for a folder: int8 folders (export.py) by export.load_int8, every other by
-    finetune.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
+    finetuned.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
     from export import INT8_WEIGHTS, load_int8             # late: export.py imports this file
     if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
         return load_int8(path)
-    from finetune import load_finetuned
+    from finetuned import load_finetuned
     return load_finetuned(path)
 
 
@@ -44,7 +44,7 @@ class Predictor:
     calibration and needs nothing from them beyond predict_proba."""
 
     def __init__(self, paths: list[str], batch_size: int = 32):
-        from finetune import predict_proba
+        from finetuned import predict_proba
         self._predict_proba = predict_proba
         if not paths:
             raise InputError("no model folder given")

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import unwrap
+
 # -----------------------------------------------------------------------------------------------------
 # flags shared by pretrain.py and finetune.py
 
@@ -135,11 +137,6 @@ def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str =
 
 # -----------------------------------------------------------------------------------------------------
 # checkpoints: plain state_dicts, written atomically, read with weights_only=True
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)          # DDP
-    return getattr(model, "_orig_mod", model)        # torch.compile
 
 
 def model_state(model: torch.nn.Module) -> dict:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import export
 from export import (Int8Embedding, Int8Linear, choose_heads, dequantize_rows, magnitude_prune, quantize_rows,
                     remove_heads, sparsity)
-from finetune import load_finetuned, predict_proba, save_finetuned
+from finetuned import load_finetuned, predict_proba, save_finetuned
 from model import EncoderConfig, SequenceClassifier
 from predict import load_model
 from test_predict import toy_model
