@@ -41,11 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import adversarial
 import losses
 from data.tasks import (Augmenter, TaskDataError, TaskDataset, encode_labels, eval_order, label_classes,
                         nearest_neighbours, read_examples, read_sentences, write_sample_binary)
-from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infer, load_finetuned,  # noqa: F401
-                       predict_proba, probabilities, save_finetuned, write_json)
+from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infer, load_finetuned, predict_proba,
+                       save_finetuned, write_json)
 from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
 from model import CheckpointError, EncoderConfig, SequenceClassifier
 from peft import PeftError, apply_peft, trainable_summary
@@ -214,7 +215,7 @@ def robust_accuracy(model, task, dev, pad_id, eps, steps, alpha=None, batch_size
         batch = batch_of(dev["ids"], dev["types"], rows, pad_id, device)
         labels = torch.as_tensor(np.asarray(dev["gold"])[rows], device=device)
         loss_of_logits = task_loss(task, labels)
-        embeddings = losses.pgd_attack(model, batch, loss_of_logits, eps, alpha=alpha, steps=steps)
+        embeddings = adversarial.pgd_attack(model, batch, loss_of_logits, eps, alpha=alpha, steps=steps)
         with torch.no_grad():
             logits = model(**batch, embeddings=embeddings)
         correct += int((two_class(logits).argmax(1) == labels.long()).sum())   # binary: z > 0
@@ -245,7 +246,7 @@ def make_loss_fn(a, raw_model):
             return losses.info_nce(z1, z2, temperature=a.temperature, reduction="sum")
         loss_of_logits = task_loss(a.task, batch["labels"], a.label_smoothing)
         if a.adversarial != "none":
-            return losses.adversarial_loss(model, batch, loss_of_logits, method=a.adversarial, eps=a.adv_eps,
+            return adversarial.adversarial_loss(model, batch, loss_of_logits, method=a.adversarial, eps=a.adv_eps,
                                            alpha=a.adv_alpha, steps=a.adv_steps)
         views = 2 if a.rdrop else 1
         if views == 2:

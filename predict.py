@@ -27,11 +27,11 @@ class InputError(ValueError):
 
 
 def load_model(path: str):
-    """(model, tokenizer, info) for a folder: int8 folders (export.py) by export.load_int8, every other by
+    """(model, tokenizer, info) for a folder: int8 folders (export.py) by int8.load_int8, every other by
     finetuned.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
-    from export import INT8_WEIGHTS, load_int8             # late: export.py imports this file
+    from int8 import INT8_WEIGHTS, load_int8              # late: the model code loads only when a model does
     if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
         return load_int8(path)
     from finetuned import load_finetuned

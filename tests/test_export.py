@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import export
-from export import (Int8Embedding, Int8Linear, choose_heads, dequantize_rows, magnitude_prune, quantize_rows,
-                    remove_heads, sparsity)
+import int8
+from export import choose_heads, magnitude_prune, remove_heads, sparsity
+from int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
 from finetuned import load_finetuned, predict_proba, save_finetuned
 from model import EncoderConfig, SequenceClassifier
 from predict import load_model
@@ -53,7 +54,7 @@ def test_int8_rounding_error_is_at_most_half_a_step_and_zero_stays_exact():
 @pytest.mark.parametrize("kernel", ["fbgemm", "float"])
 def test_int8_linear_computes_x_times_the_dequantized_weight(kernel, monkeypatch):
     if kernel == "float":
-        monkeypatch.setattr(export, "_fbgemm_pack", lambda *a: None)
+        monkeypatch.setattr(int8, "_fbgemm_pack", lambda *a: None)
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 40)
     q, s, z = quantize_rows(lin.weight)
