@@ -49,7 +49,7 @@ from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infe
                        save_finetuned, write_json)
 from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
 from model import CheckpointError, EncoderConfig, SequenceClassifier
-from peft import PeftError, apply_peft, trainable_summary
+from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from trainer import Dist, add_training_args, train
 
@@ -58,11 +58,7 @@ DEFAULT_INIT = ROOT / "out" / "pretrain"
 SAMPLE_DIR = ROOT / "data" / "sample_binary"
 GLUE_DIR = ROOT / "data" / "glue"
 PREPARED = {"binary": "sst2", "regression": "stsb"}      # used when --train is not given and it exists
-METHODS = ("full", "top", "bitfit", "adapter", "lora", "prefix")
-# Peak learning rates: the usual ranges from each method's paper. Fewer trainable parameters, most of
-# them new, take larger steps; a full fine-tune of a pre-trained model must not wash it out.
-METHOD_LR = {"full": 5e-5, "top": 1e-4, "bitfit": 1e-3, "adapter": 1e-3, "lora": 5e-4, "prefix": 5e-3}
-SCRATCH_LR, SIMCSE_LR = 1e-3, 3e-5
+SCRATCH_LR, SIMCSE_LR = 1e-3, 3e-5                      # a method's own peak lr: peft.METHODS
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
 
 
@@ -109,14 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "without improvement and restore the best weights")
     g.add_argument("--ensemble", help="DIR1,DIR2,...: evaluate the mean of these fine-tuned models' probabilities")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="full")
-    g.add_argument("--train-layers", type=int, default=2, help="top: how many top layers train")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="qkv,proj", help="comma-separated Linear names")
-    g.add_argument("--adapter-size", type=int, default=64)
-    g.add_argument("--prefix-len", type=int, default=16)
+    g.add_argument("--method", choices=list(METHODS), default="full")
+    for name, (default, kind, help) in known_options().items():        # --lora-r, --adapter-size, ...
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help)
     g.add_argument("--dropout", type=float, help="override the checkpoint's dropout (hidden and attention)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--rdrop", type=float, default=0.0, metavar="ALPHA", help="R-Drop: weight of the symmetric KL")
@@ -377,9 +368,7 @@ def run(argv=None) -> dict:
         raise FinetuneError("--early-stopping: needs a dev set (--dev)")
 
     # method, then the data pipeline and the schedule
-    options = dict(train_layers=a.train_layers, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                   lora_targets=tuple(t for t in a.lora_targets.split(",") if t), adapter_size=a.adapter_size,
-                   prefix_len=a.prefix_len)
+    options = {name: getattr(a, name) for name in known_options()}
     apply_peft(model, a.method, **options)
     summary = trainable_summary(model)
     dist_env = Dist(a.device)
@@ -388,7 +377,7 @@ def run(argv=None) -> dict:
     steps_per_epoch = max(1, math.ceil(n_train / (a.batch_size * slots)))
     epochs = a.epochs if a.epochs is not None else (10 if scratch else 3)
     a.max_steps = a.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    a.lr = a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHOD_LR[a.method])
+    a.lr = a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHODS[a.method].lr)
     a.eval_every = steps_per_epoch if a.eval_every is None else a.eval_every
     augmenter = None
     if a.augment:
