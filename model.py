@@ -399,6 +399,13 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """What FSDP2 shards one by one (each unit gathers its full weights just before its forward and frees
+    them after): the Transformer blocks; the embeddings and heads go with the root."""
+    encoder = model if isinstance(model, Encoder) else model.encoder
+    return list(encoder.blocks)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model itself behind the wrappers training puts around it (DDP's .module, torch.compile's ._orig_mod)."""
     model = getattr(model, "module", model)          # DDP

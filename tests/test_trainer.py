@@ -36,3 +36,22 @@ def test_constant_schedule_holds_the_peak_after_warm_up():
 def test_no_warm_up_starts_at_the_peak():
     assert trainer.lr_at(0, 1.0, 0, 10) == 1.0
     assert trainer.lr_at(5, 1.0, 0, 10) == pytest.approx(0.5)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
+    early = trainer.EarlyStopping("loss", "min", patience=2)
+    seen = [(early.update({"loss": v}), early.should_stop) for v in (0.5, 0.4, 0.45, 0.4, 0.3, 0.35, 0.31)]
+    assert seen == [(True, False), (True, False), (False, False), (False, True), (True, False), (False, False),
+                    (False, True)]                          # equal to the best is no improvement
+    assert early.best == 0.3
+
+
+def test_early_stopping_without_a_metric_never_stops():
+    early = trainer.EarlyStopping()
+    assert not early.update({"accuracy": 1.0}) and not early.should_stop and early.best is None
+
+
+def test_the_model_names_its_shard_units():
+    import model as M
+    m = M.SequenceClassifier(M.EncoderConfig(vocab_size=20, hidden_size=8, num_layers=3, num_heads=2))
+    assert M.shard_units(m) == list(m.encoder.blocks)
