@@ -51,7 +51,7 @@ from metrics import classification_metrics, format_table, regression_metrics, sp
 from model import CheckpointError, EncoderConfig, SequenceClassifier
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from trainer import Dist, add_training_args, train
+from trainer import Dist, TrainConfig, add_training_args, train
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
@@ -372,22 +372,23 @@ def run(argv=None) -> dict:
     apply_peft(model, a.method, **options)
     summary = trainable_summary(model)
     dist_env = Dist(a.device)
-    a.batch_size = a.batch_size or (64 if task == "simcse" else 32)
+    batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
-    steps_per_epoch = max(1, math.ceil(n_train / (a.batch_size * slots)))
+    steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
     epochs = a.epochs if a.epochs is not None else (10 if scratch else 3)
-    a.max_steps = a.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    a.lr = a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHODS[a.method].lr)
-    a.eval_every = steps_per_epoch if a.eval_every is None else a.eval_every
+    cfg = TrainConfig.from_args(   # the loop's flags, with the defaults that depend on the task and the data
+        a, batch_size=batch_size, max_steps=a.max_steps or max(1, math.ceil(epochs * steps_per_epoch)),
+        lr=a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHODS[a.method].lr),
+        eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
     augmenter = None
     if a.augment:
         table = nearest_neighbours(model.encoder.embed.tok.weight, tokenizer, {i for x in train_ids for i in x})
         augmenter = Augmenter(table, tokenizer.special_ids, rate=a.augment, max_length=max_length)
-    data = TaskDataset(train_ids, train_types, train_labels, a.batch_size, slots, a.seed, tokenizer.pad_id,
+    data = TaskDataset(train_ids, train_types, train_labels, cfg.batch_size, slots, cfg.seed, tokenizer.pad_id,
                        label_dtype=TASKS[task].label_dtype, augmenter=augmenter)
     if dist_env.is_main:
-        print(f"{task}: {n_train:,} training examples, {a.max_steps:,} steps of {a.batch_size * slots} "
-              f"({a.max_steps / steps_per_epoch:.1f} epochs), lr {a.lr:g}, method {a.method}: "
+        print(f"{task}: {n_train:,} training examples, {cfg.max_steps:,} steps of {cfg.batch_size * slots} "
+              f"({cfg.max_steps / steps_per_epoch:.1f} epochs), lr {cfg.lr:g}, method {a.method}: "
               f"{summary['trainable']:,} of {summary['total']:,} parameters train ({summary['percent']:.2f}%)")
 
     eval_fn = (lambda m: evaluate(m, task, dev, tokenizer.pad_id)[0]) if dev else None
@@ -399,7 +400,7 @@ def run(argv=None) -> dict:
         print(f"before training: STS spearman {before['spearman']:.4f}")
     monitor = (metric, "min" if metric in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
     t_train = time.time()
-    result = train(model, make_loss_fn(a, model), data, a, dist_env, eval_fn=eval_fn, monitor=monitor,
+    result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
                    log_fields={"epoch_steps": steps_per_epoch})
     train_seconds = time.time() - t_train
 

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -34,34 +35,55 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import shard_units, unwrap
 
 # -----------------------------------------------------------------------------------------------------
-# flags shared by pretrain.py and finetune.py
+# the loop's configuration, and the flags shared by pretrain.py and finetune.py made from it
+
+
+def flag(default, help, **argparse_kw):
+    """A TrainConfig field that is also a command-line flag (--name-with-dashes)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything train() reads. Build it directly, or from parsed flags with TrainConfig.from_args."""
+    out: str | None = flag(None, "output folder: checkpoint, exported model, metrics.jsonl")
+    max_steps: int = flag(1000, "optimizer steps", type=int)
+    batch_size: int = flag(32, "examples per micro-batch on each rank", type=int)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", type=int)
+    lr: float = flag(5e-4, "peak learning rate", type=float)
+    weight_decay: float = flag(0.01, "AdamW decoupled weight decay (not on biases/norms)", type=float)
+    beta2: float = flag(0.98, "AdamW beta2 (beta1 = 0.9)", type=float)
+    warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
+    schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
+    amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])
+    compile: bool = flag(False, "torch.compile the model", action="store_true")
+    fsdp: bool = flag(False, "shard parameters with FSDP2 fully_shard (under torchrun)", action="store_true")
+    eval_every: int = flag(200, "evaluate every N steps (0: only at the end)", type=int)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", type=int)
+    log_every: int = flag(10, "write a metrics.jsonl line every N steps", type=int)
+    seed: int = flag(1337, "seeds dropout (each rank its own) and the data order", type=int)
+    resume: str | None = flag(None, "continue the run in --out (or from CHECKPOINT)", nargs="?", const="auto",
+                              metavar="CHECKPOINT")
+    stop_at_step: int | None = flag(None, "save a checkpoint and exit at this step", type=int)
+    tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
+    device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    no_progress: bool = flag(False, "no tqdm bar", action="store_true")
+    seq_len: int | None = None        # not a flag: tokens per sequence for the MFU estimate (pretrain's --seq-len)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainConfig":
+        """The fields found in parsed flags (pretrain's, finetune's), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(given | overrides))
 
 
 def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """TrainConfig's flags, in one argument group; `defaults` overrides the caller's own defaults."""
     g = p.add_argument_group("training loop")
-    g.add_argument("--out", help="output folder: checkpoint, exported model, metrics.jsonl")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch on each rank")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on biases/norms)")
-    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (beta1 = 0.9)")
-    g.add_argument("--warmup", type=float, default=0.06, help="warm-up steps, or a fraction of --max-steps if < 1")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
-    g.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard (under torchrun)")
-    g.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N steps")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (or from CHECKPOINT)")
-    g.add_argument("--stop-at-step", type=int, default=None, help="save a checkpoint and exit at this step")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to --out")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
     p.set_defaults(**defaults)
     return p
 
@@ -267,19 +289,19 @@ class Parallel:
         return clone
 
 
-def parallelize(model, args, dist_env: Dist) -> Parallel:
+def parallelize(model, cfg, dist_env: Dist) -> Parallel:
     """Move to the device, then FSDP2 (each of the model's shard units, then the whole) or DDP when there
     are several ranks, then torch.compile. The model side names the shard units (model.shard_units)."""
     dev = dist_env.device
     raw = sharded = model.to(dev)
-    if args.fsdp:
+    if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for unit in shard_units(raw):
             fully_shard(unit)
         sharded = fully_shard(raw)
     elif dist_env.world_size > 1:
         sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
-    return Parallel(raw, sharded, torch.compile(sharded) if args.compile else sharded, args.fsdp)
+    return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp)
 
 
 def amp_context(amp: str, device):
@@ -316,17 +338,20 @@ class Checkpointer:
     """checkpoint.pt (everything resuming needs, each rank's RNG included) and best_model.pt (early
     stopping's best weights) in --out: written by rank 0, atomically; plain state_dicts."""
 
-    def __init__(self, args, par: Parallel, opt, scaler, dist_env: Dist, extra_state=None, on_save=None):
-        self.args, self.par, self.opt, self.scaler, self.dist_env = args, par, opt, scaler, dist_env
+    def __init__(self, cfg: TrainConfig, par: Parallel, opt, scaler, dist_env: Dist, extra_state=None, on_save=None,
+                 record=None):
+        self.cfg, self.par, self.opt, self.scaler, self.dist_env = cfg, par, opt, scaler, dist_env
         self.extra_state, self.on_save = extra_state or {}, on_save
-        self.path, self.best_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "best_model.pt")
+        # the run's flags, for the record (what resuming reads is the rest of the checkpoint)
+        self.record = {k: v for k, v in (record or vars(cfg)).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        self.path, self.best_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "best_model.pt")
 
     def restore(self, early: EarlyStopping) -> tuple[int, int]:
         """(step, skipped steps) to start from: 0, 0, or those of --resume's checkpoint, loaded."""
-        resume, main = self.args.resume, self.dist_env.is_main
+        resume, main = self.cfg.resume, self.dist_env.is_main
         if not resume or (resume == "auto" and not os.path.exists(self.path)):
             if resume and main:
-                print(f"--resume: no checkpoint in {self.args.out} yet, starting from step 0")
+                print(f"--resume: no checkpoint in {self.cfg.out} yet, starting from step 0")
             return 0, 0
         path = self.path if resume == "auto" else resume
         ckpt = load_checkpoint(path)
@@ -337,7 +362,7 @@ class Checkpointer:
         rank = self.dist_env.rank
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if main:
-            _truncate_log(os.path.join(self.args.out, "metrics.jsonl"), ckpt["step"])
+            _truncate_log(os.path.join(self.cfg.out, "metrics.jsonl"), ckpt["step"])
             print(f"resumed from {path} at step {ckpt['step']}")
         return ckpt["step"], ckpt.get("skipped", 0)
 
@@ -350,10 +375,9 @@ class Checkpointer:
             states = [rng_state()]
         state, opt_state = self.par.state_dict(), self.par.optimizer_state(self.opt)
         if self.dist_env.is_main:
-            record = {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
             atomic_save({"model": state, "optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": step,
                          "skipped": skipped, "best": early.best, "bad_evals": early.bad_evals, "rng": states,
-                         "args": record, **self.extra_state}, self.path)
+                         "cfg": self.record, **self.extra_state}, self.path)
             if self.on_save:
                 self.on_save(self.par.plain(state))
         self.dist_env.barrier()
@@ -401,10 +425,11 @@ def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast,
     return loss_total, n_targets, grad_norm, skipped
 
 
-def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
+def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
           extra_state=None, log_fields=None) -> dict:
     """Train `model` in place; returns {"step", "stopped_early", "preempted", "last_eval", "best"}.
 
+    config: a TrainConfig, or parsed flags holding its fields (pretrain.py passes its Namespace);
     loss_fn(model, batch) -> loss summed over the batch's real targets (a 0-dim tensor);
     data.micro_batch(step, index) -> batch dict holding "num_targets" (and "num_tokens"); index runs over
         all micro-batches of the step on all ranks (micro * world_size + rank), so 2 ranks x 1 micro-batch
@@ -413,18 +438,19 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
     monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored.
     """
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed + dist_env.rank)     # each rank draws its own dropout masks
-    par = parallelize(model, args, dist_env)
-    opt = build_optimizer(par.raw, args.lr, args.weight_decay, betas=(0.9, args.beta2),
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_args(config)
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed + dist_env.rank)      # each rank draws its own dropout masks
+    par = parallelize(model, cfg, dist_env)
+    opt = build_optimizer(par.raw, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2),
                           impl="foreach" if par.fsdp else "auto")
-    scaler = torch.amp.GradScaler(dist_env.device.type, enabled=args.amp == "fp16")
-    autocast = amp_context(args.amp, dist_env.device)
-    warmup = int(args.warmup * args.max_steps) if args.warmup < 1 else int(args.warmup)
+    scaler = torch.amp.GradScaler(dist_env.device.type, enabled=cfg.amp == "fp16")
+    autocast = amp_context(cfg.amp, dist_env.device)
+    warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)
     early = EarlyStopping(*(monitor or ()))
-    ckpt = Checkpointer(args, par, opt, scaler, dist_env, extra_state, on_save)
+    ckpt = Checkpointer(cfg, par, opt, scaler, dist_env, extra_state, on_save, record=vars(config))
     step, skipped = ckpt.restore(early)
-    log = Logger(args, dist_env, par.raw, start=step, fields=log_fields)
+    log = Logger(cfg, dist_env, par.raw, start=step, fields=log_fields)
     stop = StopRequested()
     stopped_early = preempted = False
     last_eval = {}
@@ -442,20 +468,20 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
         return early.should_stop
 
     par.model.train()
-    while step < args.max_steps:
-        batches = [data.micro_batch(step, i * dist_env.world_size + dist_env.rank) for i in range(args.grad_accum)]
-        lr = lr_at(step, args.lr, warmup, args.max_steps, args.schedule)
-        loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, args.clip,
+    while step < cfg.max_steps:
+        batches = [data.micro_batch(step, i * dist_env.world_size + dist_env.rank) for i in range(cfg.grad_accum)]
+        lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule)
+        loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
                                                               autocast, dist_env)
         step, skipped = step + 1, skipped + overflow
         log.step(step, batches, loss_sum, n_targets, lr, grad_norm, skipped)
-        mid_run = step < args.max_steps
-        if eval_fn and args.eval_every and step % args.eval_every == 0 and mid_run and evaluate():
+        mid_run = step < cfg.max_steps
+        if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and mid_run and evaluate():
             stopped_early = True
             break
-        if args.save_every and step % args.save_every == 0 and mid_run:
+        if cfg.save_every and step % cfg.save_every == 0 and mid_run:
             ckpt.save(step, skipped, early)
-        if stop.requested_anywhere(step == args.stop_at_step, dist_env) and mid_run:
+        if stop.requested_anywhere(step == cfg.stop_at_step, dist_env) and mid_run:
             preempted = True
             break
 
@@ -487,32 +513,32 @@ class Logger:
     """metrics.jsonl (one JSON line per log step), an optional TensorBoard writer and a tqdm bar, on rank 0;
     on the other ranks it only joins the all-reduce of the logged loss."""
 
-    def __init__(self, args, dist_env, model, start, fields=None):
-        self.args, self.dist_env, self.fields, self.main = args, dist_env, fields or {}, dist_env.is_main
+    def __init__(self, cfg, dist_env, model, start, fields=None):
+        self.cfg, self.dist_env, self.fields, self.main = cfg, dist_env, fields or {}, dist_env.is_main
         self.file = self.tb = self.pbar = None
         self.flops_per_token, self.peak = None, None
         self.t0, self.tokens = time.time(), 0
         if not self.main:
             return
-        self.file = open(os.path.join(args.out, "metrics.jsonl"), "a")
-        if args.tensorboard:
+        self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+        if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 fail("--tensorboard needs the tensorboard package (pip install tensorboard)")
-            self.tb = SummaryWriter(args.out)
-        if not args.no_progress:
+            self.tb = SummaryWriter(cfg.out)
+        if not cfg.no_progress:
             from tqdm import tqdm
-            self.pbar = tqdm(total=args.max_steps, initial=start, dynamic_ncols=True, desc="train")
+            self.pbar = tqdm(total=cfg.max_steps, initial=start, dynamic_ncols=True, desc="train")
         if dist_env.device.type == "cuda":
-            self.flops_per_token = flops_per_token(model, getattr(args, "seq_len", None))
+            self.flops_per_token = flops_per_token(model, cfg.seq_len)
             self.peak = peak_flops(dist_env.device) * dist_env.world_size
 
     def step(self, step, batches, loss_sum, n_targets, lr, grad_norm, skipped):
         """After each optimizer step: every --log-every steps (and the last) the mean loss over all ranks,
         the throughput and the gradient norm to metrics.jsonl; the bar every step."""
         self.tokens += sum(int(b.get("num_tokens", 0)) for b in batches)
-        if step % self.args.log_every == 0 or step == self.args.max_steps:    # every rank joins the all-reduce
+        if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:    # every rank joins the all-reduce
             loss_avg = self.dist_env.all_reduce_sum(loss_sum.clone()).item() / max(n_targets.item(), 1)
             if self.main:
                 dt = time.time() - self.t0

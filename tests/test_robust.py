@@ -2,7 +2,6 @@
 computation and passes float64 gradcheck; gathering across ranks gives the single-process loss and exact
 gradients; adversarial perturbations stay in the eps-ball, are zero on padding, raise the loss, and the
 returned loss trains the model through the shared training loop."""
-import argparse
 import os
 
 import pytest
@@ -256,10 +255,9 @@ def test_lora_with_freelb_trains_in_the_shared_loop_and_leaves_the_base_alone(tm
         return adversarial.adversarial_loss(m, batch, lambda z: losses.cross_entropy(z, batch["labels"], reduction="sum"),
                                        method="freelb", eps=0.05, steps=2)
 
-    args = trainer.add_training_args(argparse.ArgumentParser()).parse_args(
-        ["--out", str(tmp_path), "--max-steps", "3", "--lr", "1e-2", "--warmup", "0", "--eval-every", "0",
-         "--save-every", "0", "--device", "cpu", "--no-progress", "--log-every", "1"])
-    trainer.train(model, loss_fn, Task(), args, trainer.Dist("cpu"))
+    cfg = trainer.TrainConfig(out=str(tmp_path), max_steps=3, lr=1e-2, warmup=0, eval_every=0, save_every=0,
+                              device="cpu", no_progress=True, log_every=1)
+    trainer.train(model, loss_fn, Task(), cfg, trainer.Dist("cpu"))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert not torch.equal(model.encoder.blocks[0].attn.qkv.lora_B, b0)
     assert os.path.exists(tmp_path / "metrics.jsonl")

@@ -55,3 +55,14 @@ def test_the_model_names_its_shard_units():
     import model as M
     m = M.SequenceClassifier(M.EncoderConfig(vocab_size=20, hidden_size=8, num_layers=3, num_heads=2))
     assert M.shard_units(m) == list(m.encoder.blocks)
+
+
+def test_the_shared_flags_are_generated_from_train_config():
+    import argparse
+    p = trainer.add_training_args(argparse.ArgumentParser(), lr=1e-3)
+    assert trainer.TrainConfig.from_args(p.parse_args([])) == trainer.TrainConfig(lr=1e-3)
+    args = p.parse_args(["--max-steps", "7", "--amp", "bf16", "--fsdp", "--resume", "--stop-at-step", "3"])
+    assert trainer.TrainConfig.from_args(args, out="o") == trainer.TrainConfig(
+        out="o", lr=1e-3, max_steps=7, amp="bf16", fsdp=True, resume="auto", stop_at_step=3)
+    flags = {a.dest for a in p._actions} - {"help"}
+    assert flags == {f.name for f in trainer.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
