@@ -16,7 +16,6 @@ predict.load_model picks between the two. `--report DEV` measures every stage si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -29,12 +28,8 @@ import torch.nn as nn
 
 from finetuned import TASKS, save_finetuned, write_json
 from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
-from model import EncoderConfig
 from predict import InputError, Predictor, load_model
 
-# Set when model.py lets each layer keep its own number of heads (EncoderConfig.layer_heads); until then
-# removed heads are zeroed in place: the same function, but no smaller.
-SHRINK_HEADS = "layer_heads" in {f.name for f in dataclasses.fields(EncoderConfig)}
 
 
 def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
@@ -119,25 +114,17 @@ def choose_heads(importance: list[torch.Tensor], n: int) -> dict[int, list[int]]
 @torch.no_grad()
 def remove_heads(model: nn.Module, drop: dict[int, list[int]]) -> None:
     """Take heads out of their layers. A head is hs rows in each of W_Q, W_K, W_V (and their biases) and
-    hs columns of W_O; with SHRINK_HEADS those rows and columns are cut out and the layer keeps fewer
-    heads, else they are set to zero (the head then adds exactly nothing: its values are 0)."""
+    hs columns of W_O; those rows and columns are cut out, and the layer keeps fewer heads
+    (EncoderConfig.layer_heads records how many, so the smaller model loads again)."""
     for layer, heads in drop.items():
         attn = model.encoder.blocks[layer].attn
         hs, nh = attn.head_dim, attn.num_heads
         keep = torch.tensor([c for h in range(nh) if h not in heads for c in range(h * hs, (h + 1) * hs)])
         rows = torch.cat([keep + part * nh * hs for part in range(3)])       # in each of Q, K, V
-        if SHRINK_HEADS:
-            attn.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows])      # (3 nh' hs, C)
-            attn.proj = _linear(attn.proj.weight[:, keep], attn.proj.bias)      # (C, nh' hs)
-            attn.num_heads = nh - len(heads)
-        else:
-            gone = torch.ones(3 * nh * hs, dtype=torch.bool)
-            gone[rows] = False
-            attn.qkv.weight[gone] = 0.0
-            attn.qkv.bias[gone] = 0.0
-            attn.proj.weight[:, gone[:nh * hs]] = 0.0
-    if SHRINK_HEADS:
-        model.config.layer_heads = [b.attn.num_heads for b in model.encoder.blocks]
+        attn.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows])          # (3 nh' hs, C)
+        attn.proj = _linear(attn.proj.weight[:, keep], attn.proj.bias)          # (C, nh' hs)
+        attn.num_heads = nh - len(heads)
+    model.config.layer_heads = [b.attn.num_heads for b in model.encoder.blocks]
 
 
 def _linear(weight, bias) -> nn.Linear:
@@ -316,7 +303,7 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
         drop = choose_heads(importance, args.prune_heads)
         remove_heads(model, drop)
         done["pruned_heads"] = {str(k): v for k, v in drop.items()}
-        done["heads_removed_by"] = "shrinking" if SHRINK_HEADS else "zeroing"
+        done["heads_removed_by"] = "shrinking"
         stage(f"heads -{args.prune_heads}")
     if args.prune:
         magnitude_prune(model, args.prune)
