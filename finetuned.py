@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import losses
+from atomic import atomic_write
 from data.tasks import eval_order, pad_batch
 from model import SentenceEncoder, from_hf_bert, save_hf_bert
 from peft import load_peft, save_peft, without_peft
@@ -170,7 +171,5 @@ def load_finetuned(path):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

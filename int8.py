@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic import atomic_write
 from model import CheckpointError, SequenceClassifier, config_from_hf, hf_config
 
 INT8_WEIGHTS = "model.int8.safetensors"
@@ -147,8 +148,8 @@ def save_int8(out: str, model: nn.Module, tokenizer, info: dict) -> None:
     from finetuned import write_json
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out, INT8_WEIGHTS + ".tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(out, INT8_WEIGHTS + ".tmp"), os.path.join(out, INT8_WEIGHTS))
+    with atomic_write(os.path.join(out, INT8_WEIGHTS)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out, "config.json"), hf_config(model.config) | {
         "architectures": ["BertForSequenceClassification"], "num_labels": model.num_labels,
         "plainbert_weights": INT8_WEIGHTS})

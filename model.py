@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic import atomic_write
 from losses import cross_entropy
 
 # -----------------------------------------------------------------------------------------------------
@@ -607,12 +608,9 @@ def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
                for k, v in to_hf_state_dict(model).items()}
     if "cls.predictions.decoder.weight" in tensors:   # safetensors refuses shared memory: store a copy
         tensors["cls.predictions.decoder.weight"] = tensors["cls.predictions.decoder.weight"].clone()
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(path, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(os.path.join(path, "config.json")) as tmp, open(tmp, "w") as f:
         json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(path, "config.json"))
     if tokenizer is not None:
         tokenizer.save(path)

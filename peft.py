@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic import atomic_write
 from model import unwrap
 
 class PeftError(ValueError):
@@ -392,13 +393,10 @@ def save_peft(model: nn.Module, out_dir: str, method: str, options: dict | None 
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.cpu().contiguous() for k, v in peft_state_dict(model).items()}
-    tmp = os.path.join(out_dir, "peft.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "peft.safetensors"))
-    tmp = os.path.join(out_dir, "peft.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(out_dir, "peft.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(os.path.join(out_dir, "peft.json")) as tmp, open(tmp, "w") as f:
         json.dump({"method": method, "options": options}, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "peft.json"))
 
 
 def load_peft(model: nn.Module, out_dir: str) -> dict:

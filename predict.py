@@ -11,11 +11,14 @@ int8 or pruned). Several folders, comma-separated, form an ensemble whose probab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import numpy as np
+
+from atomic import atomic_write
 
 
 class InputError(ValueError):
@@ -134,9 +137,7 @@ def run(args) -> None:
     else:
         texts, pairs = stdin_texts(predictor.needs_pairs)
     predictor.check(texts, pairs)
-    tmp = args.output + ".tmp" if args.output else None
-    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
-    try:
+    with output_file(args.output) as out:
         if args.format == "tsv":
             out.write(format_header(predictor) + "\n")
         bar = tqdm(total=len(texts), unit="text", disable=args.no_progress or not args.input, file=sys.stderr)
@@ -147,11 +148,16 @@ def run(args) -> None:
                 out.write(format_row(row, args.format) + "\n")
             bar.update(len(texts[i:i + step]))
         bar.close()
-    finally:
-        if tmp:
-            out.close()
-    if tmp:
-        os.replace(tmp, args.output)   # a finished file or none: never half a predictions file
+
+
+@contextlib.contextmanager
+def output_file(path):
+    """stdout, or `path` written atomically: a finished predictions file or none, never half of one."""
+    if path is None:
+        yield sys.stdout
+        return
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
 
 
 def build_parser() -> argparse.ArgumentParser:

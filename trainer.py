@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from atomic import atomic_write
 from model import shard_units, unwrap
 
 # -----------------------------------------------------------------------------------------------------
@@ -176,15 +177,8 @@ def model_state(model: torch.nn.Module) -> dict:
 def atomic_save(obj, path: str):
     """Write to a temporary name, flush to disk, then rename: a crash mid-write never leaves a torn file
     under the real name, so the last good checkpoint survives."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -504,9 +498,8 @@ def _truncate_log(path, step):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 class Logger:

@@ -72,3 +72,26 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("import os\ndef g():\n    from model import Encoder\n    import trainer\n")
     assert imports_of(f, {"model", "trainer", "losses"}) == {"model", "trainer"}
+
+
+def test_every_atomic_write_goes_through_the_one_helper():
+    """os.replace (the rename that makes a write atomic) stands in atomic.py alone among the root modules."""
+    callers = sorted(name for name, path in root_modules().items() if not name.startswith("data.")
+                     and "os.replace(" in path.read_text(encoding="utf-8"))
+    assert callers == ["atomic"]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
+    from atomic import atomic_write
+    target = tmp_path / "x.json"
+    target.write_text("old")
+    try:
+        with atomic_write(str(target)) as tmp, open(tmp, "w") as f:
+            f.write("half")
+            raise RuntimeError("crash mid-write")
+    except RuntimeError:
+        pass
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    with atomic_write(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
