@@ -5,18 +5,17 @@
 
 Read beside docs/deployment.md. The steps run in this order, each optional:
 
-    load (finetune.load_finetuned) -> merge LoRA -> remove N attention heads (least important first)
+    load (finetuned.load_finetuned) -> merge LoRA -> remove N attention heads (least important first)
         -> global magnitude pruning of the encoder's Linear weights -> int8 -> write DST
 
 DST is inference-only: config.json + weights + tokenizer + labels.json. A float result is the BERT layout
-(model.safetensors), read by finetune.load_finetuned like any fine-tuned folder; an int8 result stores
-model.int8.safetensors (int8 codes + per-row scale and zero point, no pickled code), read by `load_int8`.
+(model.safetensors), read by finetuned.load_finetuned like any fine-tuned folder; an int8 result stores
+model.int8.safetensors (int8 codes + per-row scale and zero point, no pickled code), read by `int8.load_int8`.
 predict.load_model picks between the two. `--report DEV` measures every stage side by side.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -26,160 +25,21 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from model import EncoderConfig, CheckpointError, SequenceClassifier, config_from_hf, hf_config
+from finetuned import TASKS, save_finetuned, write_json
+from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
 from predict import InputError, Predictor, load_model
 
-INT8_WEIGHTS = "model.int8.safetensors"
-# Set when model.py lets each layer keep its own number of heads (EncoderConfig.layer_heads); until then
-# removed heads are zeroed in place: the same function, but no smaller.
-SHRINK_HEADS = "layer_heads" in {f.name for f in dataclasses.fields(EncoderConfig)}
-
-
-# -----------------------------------------------------------------------------------------------------
-# int8: per-row affine quantization
-
-
-def quantize_rows(w: torch.Tensor):
-    """w (R, K) float -> codes (R, K) int8, scale (R,) float32, zero point (R,) int8; one (scale, zero)
-    per row: per output channel of a Linear, per token of an embedding table."""
-    w = w.detach().float()
-    lo, hi = w.min(dim=1).values.clamp(max=0.0), w.max(dim=1).values.clamp(min=0.0)   # the range holds 0
-    scale = (hi - lo) / 255.0                            # s = (max - min) / (2^8 - 1)  [eq:int8-scale]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # an all-zero row: any scale is exact
-    zero = torch.round(-128.0 - lo / scale).clamp(-128, 127)  # 0 -> code z, min -> -128  [eq:int8-zero-point]
-    q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(-128, 127)   # [eq:int8-quantize]
-    return q.to(torch.int8), scale, zero.to(torch.int8)
-
-
-def dequantize_rows(q, scale, zero):
-    """x_hat = s (q - z), row by row; q may be any gather of rows with its scale and zero alongside."""
-    return (q.float() - zero.float()[..., None]) * scale[..., None]   # [eq:int8-dequantize]
-
-
-def _fbgemm_pack(q, scale, zero, bias):
-    """The weight packed for fbgemm's int8 GEMM, or None where this torch build has no quantized CPU
-    kernels (torch.ao quantization is deprecated; the float fallback then keeps int8 working)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero.long(), 0)
-            return torch.ops.quantized.linear_prepack(qw, bias)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-
-
-class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 codes + a scale and zero point per output row (CPU inference only).
-
-    With fbgemm the product runs in int8: each call quantizes the activations per tensor from their own
-    min/max (dynamic quantization; 7-bit, `reduce_range`, so the x86 int8 multiply-add cannot saturate) and
-    accumulates in int32. Without it the weight is dequantized once to float: only disk and download shrink."""
-
-    def __init__(self, q, scale, zero, bias=None):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero)
-        self.register_buffer("bias", bias)
-        self.packed = _fbgemm_pack(q, scale, zero, bias)
-        self.weight_float = dequantize_rows(q, scale, zero) if self.packed is None else None   # not saved
-
-    def forward(self, x):
-        if self.packed is None:
-            return F.linear(x, self.weight_float.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        flat = x.reshape(-1, self.in_features).float().contiguous()                 # (B*T, in)
-        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)              # (B*T, out)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-class Int8Embedding(nn.Module):
-    """A lookup table stored as int8 rows; the rows looked up are dequantized on the way out."""
-
-    def __init__(self, q, scale, zero):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = q.shape
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero)
-
-    def forward(self, ids):
-        return dequantize_rows(self.weight_int8[ids], self.scale[ids], self.zero_point[ids])   # (B, T, C)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def quantize_model(model: nn.Module) -> nn.Module:
-    """In place: every Linear becomes an Int8Linear, the token embedding table an Int8Embedding. The
-    position and segment tables (used through .weight) and the LayerNorms stay float: they are small."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear):
-            bias = None if m.bias is None else m.bias.detach().float().clone()
-            _set_module(model, name, Int8Linear(*quantize_rows(m.weight), bias))
-    model.encoder.embed.tok = Int8Embedding(*quantize_rows(model.encoder.embed.tok.weight))
-    return model
-
-
-def is_int8(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
-
-
-def load_int8(path: str):
-    """(model, tokenizer, info) of a folder written by export.py --quantize int8: a float skeleton from
-    config.json, the int8 modules rebuilt from the codes it finds, then a strict load of every tensor."""
-    from safetensors.torch import load_file
-    from tokenizer import load_tokenizer
-    cfg_file, st_file = os.path.join(path, "config.json"), os.path.join(path, INT8_WEIGHTS)
-    try:
-        with open(cfg_file) as f:
-            hf = json.load(f)
-        with open(os.path.join(path, "labels.json")) as f:
-            info = json.load(f)
-        state = load_file(st_file)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the int8 model ({e})") from None
-    model = SequenceClassifier(config_from_hf(hf, cfg_file), hf.get("num_labels", 2))
-    for name in sorted({k[:-len(".weight_int8")] for k in state if k.endswith(".weight_int8")}):
-        try:
-            q, s, z = (state[f"{name}.{p}"] for p in ("weight_int8", "scale", "zero_point"))
-            old = model.get_submodule(name)
-        except (KeyError, AttributeError) as e:
-            raise CheckpointError(f"{st_file}: int8 codes for {name} that the model cannot take ({e!r})") from None
-        if tuple(old.weight.shape) != tuple(q.shape):
-            raise CheckpointError(f"{st_file}: does not fit config.json ({name} is {tuple(q.shape)} here, "
-                                  f"{tuple(old.weight.shape)} by the config)")
-        new = Int8Linear(q, s, z, state.get(f"{name}.bias")) if isinstance(old, nn.Linear) else Int8Embedding(q, s, z)
-        _set_module(model, name, new)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{st_file}: does not fit config.json ({str(e).splitlines()[0]})") from None
-    return model.eval(), load_tokenizer(path), info
 
 
 def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
     """DST as described at the top. The weights are plain now (LoRA merged, other methods only chose what
     trained), so labels.json says method "full": nothing to re-apply on loading; `export` keeps the story."""
-    from safetensors.torch import save_file
-    from finetune import save_finetuned, write_json
     info = info | {"method": "full", "peft": None}
-    if not is_int8(model):
+    if is_int8(model):
+        save_int8(out, model, tokenizer, info)
+    else:
         save_finetuned(out, model, tokenizer, info)          # BERT layout + labels.json, for load_finetuned
-        return
-    os.makedirs(out, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out, INT8_WEIGHTS + ".tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(out, INT8_WEIGHTS + ".tmp"), os.path.join(out, INT8_WEIGHTS))
-    write_json(os.path.join(out, "config.json"), hf_config(model.config) | {
-        "architectures": ["BertForSequenceClassification"], "num_labels": model.num_labels,
-        "plainbert_weights": INT8_WEIGHTS})
-    tokenizer.save(out)
-    write_json(os.path.join(out, "labels.json"), info)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -214,7 +74,6 @@ def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int 
     """Michel et al. (2019): multiply each head's output by a gate xi_h = 1 and take I_h = sum over batches
     of |dL/dxi_h|, how much the loss would move if the head were scaled down; then normalise each layer's
     scores to unit L2 norm (their finding: this ranks heads across layers better)."""
-    from finetune import task_loss
     blocks = model.encoder.blocks
     gates = [torch.ones(b.attn.num_heads, requires_grad=True) for b in blocks]
 
@@ -229,7 +88,7 @@ def head_importance(model, tokenizer, info, texts, pairs, gold, batch_size: int 
                 enc = tokenizer(texts[i:i + batch_size], None if pairs is None else pairs[i:i + batch_size],
                                 max_length=info["max_length"])
                 logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-                loss = task_loss(info["task"], gold[i:i + batch_size])(logits)     # finetune.py's loss
+                loss = TASKS[info["task"]].loss(logits, gold[i:i + batch_size])   # the fine-tuning loss
                 grads = torch.autograd.grad(loss, gates)
                 for s, g in zip(scores, grads):
                     s += g.abs()                 # I_h = sum_batches |dL/dxi_h|  [eq:head-importance]
@@ -255,25 +114,17 @@ def choose_heads(importance: list[torch.Tensor], n: int) -> dict[int, list[int]]
 @torch.no_grad()
 def remove_heads(model: nn.Module, drop: dict[int, list[int]]) -> None:
     """Take heads out of their layers. A head is hs rows in each of W_Q, W_K, W_V (and their biases) and
-    hs columns of W_O; with SHRINK_HEADS those rows and columns are cut out and the layer keeps fewer
-    heads, else they are set to zero (the head then adds exactly nothing: its values are 0)."""
+    hs columns of W_O; those rows and columns are cut out, and the layer keeps fewer heads
+    (EncoderConfig.layer_heads records how many, so the smaller model loads again)."""
     for layer, heads in drop.items():
         attn = model.encoder.blocks[layer].attn
         hs, nh = attn.head_dim, attn.num_heads
         keep = torch.tensor([c for h in range(nh) if h not in heads for c in range(h * hs, (h + 1) * hs)])
         rows = torch.cat([keep + part * nh * hs for part in range(3)])       # in each of Q, K, V
-        if SHRINK_HEADS:
-            attn.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows])      # (3 nh' hs, C)
-            attn.proj = _linear(attn.proj.weight[:, keep], attn.proj.bias)      # (C, nh' hs)
-            attn.num_heads = nh - len(heads)
-        else:
-            gone = torch.ones(3 * nh * hs, dtype=torch.bool)
-            gone[rows] = False
-            attn.qkv.weight[gone] = 0.0
-            attn.qkv.bias[gone] = 0.0
-            attn.proj.weight[:, gone[:nh * hs]] = 0.0
-    if SHRINK_HEADS:
-        model.config.layer_heads = [b.attn.num_heads for b in model.encoder.blocks]
+        attn.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows])          # (3 nh' hs, C)
+        attn.proj = _linear(attn.proj.weight[:, keep], attn.proj.bias)          # (C, nh' hs)
+        attn.num_heads = nh - len(heads)
+    model.config.layer_heads = [b.attn.num_heads for b in model.encoder.blocks]
 
 
 def _linear(weight, bias) -> nn.Linear:
@@ -452,7 +303,7 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
         drop = choose_heads(importance, args.prune_heads)
         remove_heads(model, drop)
         done["pruned_heads"] = {str(k): v for k, v in drop.items()}
-        done["heads_removed_by"] = "shrinking" if SHRINK_HEADS else "zeroing"
+        done["heads_removed_by"] = "shrinking"
         stage(f"heads -{args.prune_heads}")
     if args.prune:
         magnitude_prune(model, args.prune)
@@ -487,7 +338,6 @@ def export_onnx(model, tokenizer, info, out: str) -> None:
 
 def report(stages: list[tuple[str, str]], info: dict, args) -> None:
     """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage."""
-    from finetune import write_json
     texts, pairs, gold = labelled(args.report, info, args)
     predictors = [Predictor([folder]) for _, folder in stages]
     rows, reference = [], None

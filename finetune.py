@@ -39,50 +39,27 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+import adversarial
 import losses
 from data.tasks import (Augmenter, TaskDataError, TaskDataset, encode_labels, eval_order, label_classes,
-                        nearest_neighbours, pad_batch, read_examples, read_sentences, write_sample_binary)
+                        nearest_neighbours, read_examples, read_sentences, write_sample_binary)
+from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infer, load_finetuned, predict_proba,
+                       save_finetuned, write_json)
 from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
-from model import CheckpointError, EncoderConfig, SequenceClassifier, from_hf_bert, save_hf_bert
-from peft import PeftError, apply_peft, load_peft, save_peft, trainable_summary, without_peft
+from model import CheckpointError, EncoderConfig, SequenceClassifier
+from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from trainer import Dist, add_training_args, train
+from trainer import Dist, TrainConfig, add_training_args, train
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
 SAMPLE_DIR = ROOT / "data" / "sample_binary"
 GLUE_DIR = ROOT / "data" / "glue"
 PREPARED = {"binary": "sst2", "regression": "stsb"}      # used when --train is not given and it exists
-TASKS = ("binary", "multiclass", "pair", "regression", "simcse")
-METHODS = ("full", "top", "bitfit", "adapter", "lora", "prefix")
-# Peak learning rates: the usual ranges from each method's paper. Fewer trainable parameters, most of
-# them new, take larger steps; a full fine-tune of a pre-trained model must not wash it out.
-METHOD_LR = {"full": 5e-5, "top": 1e-4, "bitfit": 1e-3, "adapter": 1e-3, "lora": 5e-4, "prefix": 5e-3}
-SCRATCH_LR, SIMCSE_LR = 1e-3, 3e-5
+SCRATCH_LR, SIMCSE_LR = 1e-3, 3e-5                      # a method's own peak lr: peft.METHODS
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
-
-
-class FinetuneError(ValueError):
-    """A bad flag or folder: the message names it and says what was expected."""
-
-
-class SentenceEncoder(nn.Module):
-    """An encoder giving one vector per sequence: the [CLS] hidden state ("cls": SimCSE's
-    cls-before-pooler) or the mean over real tokens ("mean")."""
-
-    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
-        super().__init__()
-        self.encoder, self.config, self.pooling = encoder, encoder.config, pooling
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
-        h = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)         # (B, T, C)
-        if self.pooling == "cls":
-            return h[:, 0]                                                                # (B, C)
-        m = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[..., None].to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)                                     # (B, C)
 
 
 class Capture:
@@ -108,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=TASKS, default="binary")
+    g.add_argument("--task", choices=list(TASKS), default="binary")
     g.add_argument("--init", help="pretrain.py output or BERT-layout folder (default out/pretrain)")
     g.add_argument("--data", help="a folder with train.tsv, dev.tsv and optionally test.tsv (data/glue/<task>)")
     g.add_argument("--train", nargs="+", help="training file(s): TSV/CSV/JSONL with a header, or CoLA as it ships; "
@@ -128,14 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "without improvement and restore the best weights")
     g.add_argument("--ensemble", help="DIR1,DIR2,...: evaluate the mean of these fine-tuned models' probabilities")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="full")
-    g.add_argument("--train-layers", type=int, default=2, help="top: how many top layers train")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="qkv,proj", help="comma-separated Linear names")
-    g.add_argument("--adapter-size", type=int, default=64)
-    g.add_argument("--prefix-len", type=int, default=16)
+    g.add_argument("--method", choices=list(METHODS), default="full")
+    for name, (default, kind, help) in known_options().items():        # --lora-r, --adapter-size, ...
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help)
     g.add_argument("--dropout", type=float, help="override the checkpoint's dropout (hidden and attention)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--rdrop", type=float, default=0.0, metavar="ALPHA", help="R-Drop: weight of the symmetric KL")
@@ -156,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(a):
-    classify = a.task in ("binary", "multiclass", "pair")
+    classify = TASKS[a.task].score_name is None           # the labels are classes
     if a.rdrop and not classify:
         raise FinetuneError(f"--rdrop: needs a classification task, not --task {a.task}")
     if a.contrastive_weight and not classify:
@@ -192,9 +164,7 @@ def load_init(path, task, num_outputs, pooling="cls", dropout=None):
         raise FinetuneError(f"--init {path}: mismatched vocab: the tokenizer has {tokenizer.vocab_size} tokens "
                             f"but config.json says vocab_size {config.get('vocab_size')}")
     overrides = {} if dropout is None else {"dropout": dropout, "attention_dropout": dropout}
-    if task == "simcse":
-        return SentenceEncoder(from_hf_bert(str(path), head=None, **overrides), pooling), tokenizer
-    return from_hf_bert(str(path), head="classifier", num_labels=num_outputs, **overrides), tokenizer
+    return build_model(path, task, num_outputs, pooling, **overrides), tokenizer
 
 
 def scratch_init(texts, num_outputs, dropout=None):
@@ -207,85 +177,6 @@ def scratch_init(texts, num_outputs, dropout=None):
 
 
 # -----------------------------------------------------------------------------------------------------
-# inference
-
-
-def encode(tokenizer, texts, pairs, max_length):
-    """Tokenize once, unpadded: (input_ids lists, token_type_ids lists); batches pad themselves."""
-    enc = tokenizer(texts, pairs, max_length=max_length, padding=False, return_tensors=None)
-    return enc["input_ids"], enc["token_type_ids"]
-
-
-def batch_of(ids, types, rows, pad_id, device) -> dict:
-    return {k: v.to(device) for k, v in pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad_id).items()}
-
-
-@torch.no_grad()
-def infer(model, ids, types, pad_id, batch_size=64) -> torch.Tensor:
-    """The model's raw outputs (logits, scores or sentence vectors) for every example, in input order."""
-    device = next(model.parameters()).device
-    out = None
-    for rows in eval_order([len(x) for x in ids], batch_size):
-        y = model(**batch_of(ids, types, rows, pad_id, device)).float().cpu()
-        out = y.new_empty(len(ids), *y.shape[1:]) if out is None else out
-        out[torch.as_tensor(rows)] = y
-    return out
-
-
-def probabilities(task, outputs: torch.Tensor) -> np.ndarray:
-    """(N, K) class probabilities; binary gives [1 - p, p] from its one logit; regression the (N,) scores."""
-    if task == "binary":
-        p = torch.sigmoid(outputs[:, 0].double())
-        return torch.stack([1 - p, p], dim=1).numpy()
-    if task == "regression":
-        return outputs[:, 0].double().numpy()
-    if task == "simcse":
-        return outputs.double().numpy()
-    return torch.softmax(outputs.double(), dim=1).numpy()
-
-
-def predict_proba(model, tokenizer, texts, pairs=None, info=None, batch_size=32) -> np.ndarray:
-    """Probabilities per class (N, K) in the order of info["labels"] ([1 - p, p] for binary), the score
-    (N,) for regression, the sentence vectors (N, C) for simcse. info: load_finetuned's third value."""
-    if info is None:
-        raise FinetuneError("predict_proba needs info (the labels.json dict that load_finetuned returns)")
-    ids, types = encode(tokenizer, list(texts), None if pairs is None else list(pairs), info["max_length"])
-    was_training = model.training
-    model.eval()
-    outputs = infer(model, ids, types, tokenizer.pad_id, batch_size)
-    model.train(was_training)
-    return probabilities(info["task"], outputs)
-
-
-def save_finetuned(out_dir, model, tokenizer, info):
-    """What load_finetuned reads back: the base model + head in the BERT layout (PEFT modules set aside),
-    the PEFT parameters beside it (peft.json, peft.safetensors), the tokenizer and labels.json (info)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with without_peft(model):
-        save_hf_bert(model.encoder if info["task"] == "simcse" else model, out_dir, tokenizer)
-    if info["method"] != "full":
-        save_peft(model, out_dir, info["method"], info["peft"])
-    write_json(os.path.join(out_dir, "labels.json"), info)
-
-
-def load_finetuned(path):
-    """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
-    path = pathlib.Path(path)
-    try:
-        info = json.loads((path / "labels.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
-    tokenizer = load_tokenizer(path)
-    if info["task"] == "simcse":
-        model = SentenceEncoder(from_hf_bert(str(path), head=None), info.get("pooling", "cls"))
-    else:
-        model = from_hf_bert(str(path), head="classifier", num_labels=info["num_outputs"])
-    if (path / "peft.json").is_file():
-        load_peft(model, str(path))         # re-applies the method, then loads its parameters
-    return model.eval(), tokenizer, info
-
-
-# -----------------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -295,15 +186,15 @@ def evaluate(model, task, dev, pad_id, batch_size=64) -> tuple[dict, np.ndarray]
         za, zb = (infer(model, dev[s + "_ids"], dev[s + "_types"], pad_id, batch_size) for s in ("a", "b"))
         cos = F.cosine_similarity(za, zb, dim=1).double().numpy()
         return {"spearman": spearman(dev["gold"], cos), "pearson": pearson(dev["gold"], cos)}, cos
+    kind = TASKS[task]
     outputs = infer(model, dev["ids"], dev["types"], pad_id, batch_size)
-    pred = probabilities(task, outputs)
+    pred = kind.probabilities(outputs)
     if dev["gold"] is None:
         return {}, pred
-    gold = torch.as_tensor(dev["gold"])
-    if task == "regression":
+    if kind.score_name:
         return regression_metrics(dev["gold"], pred), pred
-    loss = (losses.binary_cross_entropy_with_logits(outputs[:, 0], gold) if task == "binary"
-            else losses.cross_entropy(outputs, gold.long()))
+    gold = torch.as_tensor(dev["gold"]).to(kind.label_dtype)
+    loss = kind.loss(outputs, gold) / max(len(gold), 1)                # the mean over the dev set
     return {**classification_metrics(dev["gold"], pred), "loss": float(loss)}, pred
 
 
@@ -315,11 +206,10 @@ def robust_accuracy(model, task, dev, pad_id, eps, steps, alpha=None, batch_size
         batch = batch_of(dev["ids"], dev["types"], rows, pad_id, device)
         labels = torch.as_tensor(np.asarray(dev["gold"])[rows], device=device)
         loss_of_logits = task_loss(task, labels)
-        embeddings = losses.pgd_attack(model, batch, loss_of_logits, eps, alpha=alpha, steps=steps)
+        embeddings = adversarial.pgd_attack(model, batch, loss_of_logits, eps, alpha=alpha, steps=steps)
         with torch.no_grad():
             logits = model(**batch, embeddings=embeddings)
-        pred = (logits[:, 0] > 0).long() if task == "binary" else logits.argmax(1)
-        correct += int((pred == labels.long()).sum())
+        correct += int((two_class(logits).argmax(1) == labels.long()).sum())   # binary: z > 0
     return correct / len(dev["ids"])
 
 
@@ -329,14 +219,7 @@ def robust_accuracy(model, task, dev, pad_id, eps, steps, alpha=None, batch_size
 
 def task_loss(task, labels, label_smoothing=0.0):
     """logits -> the task's loss summed over the batch (the trainer divides by the number of examples)."""
-    def loss_of_logits(logits):
-        if task == "binary":       # smoothing for one logit: targets eps/2 and 1 - eps/2
-            y = labels * (1 - label_smoothing) + label_smoothing / 2
-            return losses.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="sum")
-        if task == "regression":
-            return losses.mse(logits[:, 0], labels, reduction="sum")
-        return losses.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
-    return loss_of_logits
+    return lambda logits: TASKS[task].loss(logits, labels, label_smoothing)
 
 
 def two_class(logits):
@@ -354,7 +237,7 @@ def make_loss_fn(a, raw_model):
             return losses.info_nce(z1, z2, temperature=a.temperature, reduction="sum")
         loss_of_logits = task_loss(a.task, batch["labels"], a.label_smoothing)
         if a.adversarial != "none":
-            return losses.adversarial_loss(model, batch, loss_of_logits, method=a.adversarial, eps=a.adv_eps,
+            return adversarial.adversarial_loss(model, batch, loss_of_logits, method=a.adversarial, eps=a.adv_eps,
                                            alpha=a.adv_alpha, steps=a.adv_steps)
         views = 2 if a.rdrop else 1
         if views == 2:
@@ -411,7 +294,8 @@ def encode_split(tokenizer, task, ex, gold, max_length) -> dict:
 
 
 def default_metric(task, layout):
-    return "spearman" if task in ("regression", "simcse") else "mcc" if layout == "cola" else "accuracy"
+    known = TASKS[task].metrics
+    return "mcc" if layout == "cola" and "mcc" in known else known[0]
 
 
 def read_split(a, paths, task, classes, need_labels=True):
@@ -444,7 +328,7 @@ def run(argv=None) -> dict:
         if task == "pair" and train_ex.pairs is None:
             raise FinetuneError(f"--task pair: {train_paths[0]} has no second text column (name it with --text-pair-col)")
         classes, layout = label_classes(task, train_ex), train_ex.layout
-    num_outputs = 1 if task in ("binary", "regression", "simcse") else len(classes)
+    num_outputs = 1 if TASKS[task].one_output else len(classes)
 
     init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
     if init.is_dir() or a.init:
@@ -477,36 +361,34 @@ def run(argv=None) -> dict:
         test = encode_split(tokenizer, task, *read_split(a, test_paths, task, classes, need_labels=False), max_length)
 
     metric = a.metric or default_metric(task, layout)
-    known = {"simcse": ("spearman", "pearson"), "regression": ("spearman", "pearson", "mse")}.get(
-        task, ("accuracy", "mcc", "f1", "precision", "recall", "auc", "macro_f1", "loss"))
+    known = TASKS[task].metrics
     if metric not in known:
         raise FinetuneError(f"--metric: {metric!r} is not a dev metric of --task {task}; choose one of {', '.join(known)}")
     if a.early_stopping and dev is None:
         raise FinetuneError("--early-stopping: needs a dev set (--dev)")
 
     # method, then the data pipeline and the schedule
-    options = dict(train_layers=a.train_layers, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                   lora_targets=tuple(t for t in a.lora_targets.split(",") if t), adapter_size=a.adapter_size,
-                   prefix_len=a.prefix_len)
+    options = {name: getattr(a, name) for name in known_options()}
     apply_peft(model, a.method, **options)
     summary = trainable_summary(model)
     dist_env = Dist(a.device)
-    a.batch_size = a.batch_size or (64 if task == "simcse" else 32)
+    batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
-    steps_per_epoch = max(1, math.ceil(n_train / (a.batch_size * slots)))
+    steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
     epochs = a.epochs if a.epochs is not None else (10 if scratch else 3)
-    a.max_steps = a.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    a.lr = a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHOD_LR[a.method])
-    a.eval_every = steps_per_epoch if a.eval_every is None else a.eval_every
+    cfg = TrainConfig.from_args(   # the loop's flags, with the defaults that depend on the task and the data
+        a, batch_size=batch_size, max_steps=a.max_steps or max(1, math.ceil(epochs * steps_per_epoch)),
+        lr=a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHODS[a.method].lr),
+        eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
     augmenter = None
     if a.augment:
         table = nearest_neighbours(model.encoder.embed.tok.weight, tokenizer, {i for x in train_ids for i in x})
         augmenter = Augmenter(table, tokenizer.special_ids, rate=a.augment, max_length=max_length)
-    data = TaskDataset(train_ids, train_types, train_labels, a.batch_size, slots, a.seed, tokenizer.pad_id,
-                       label_dtype=torch.long if task in ("multiclass", "pair") else torch.float32, augmenter=augmenter)
+    data = TaskDataset(train_ids, train_types, train_labels, cfg.batch_size, slots, cfg.seed, tokenizer.pad_id,
+                       label_dtype=TASKS[task].label_dtype, augmenter=augmenter)
     if dist_env.is_main:
-        print(f"{task}: {n_train:,} training examples, {a.max_steps:,} steps of {a.batch_size * slots} "
-              f"({a.max_steps / steps_per_epoch:.1f} epochs), lr {a.lr:g}, method {a.method}: "
+        print(f"{task}: {n_train:,} training examples, {cfg.max_steps:,} steps of {cfg.batch_size * slots} "
+              f"({cfg.max_steps / steps_per_epoch:.1f} epochs), lr {cfg.lr:g}, method {a.method}: "
               f"{summary['trainable']:,} of {summary['total']:,} parameters train ({summary['percent']:.2f}%)")
 
     eval_fn = (lambda m: evaluate(m, task, dev, tokenizer.pad_id)[0]) if dev else None
@@ -518,7 +400,7 @@ def run(argv=None) -> dict:
         print(f"before training: STS spearman {before['spearman']:.4f}")
     monitor = (metric, "min" if metric in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
     t_train = time.time()
-    result = train(model, make_loss_fn(a, model), data, a, dist_env, eval_fn=eval_fn, monitor=monitor,
+    result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
                    log_fields={"epoch_steps": steps_per_epoch})
     train_seconds = time.time() - t_train
 
@@ -588,7 +470,7 @@ def run_ensemble(a) -> dict:
         ex, gold = read_split(a, paths, task, classes, need_labels=split == "dev")
         probs = np.mean([predict_proba(m, tok, ex.texts, ex.pairs, inf) for m, tok, inf in members], axis=0)
         if gold is not None:
-            metrics[split] = (regression_metrics(gold, probs) if task == "regression"
+            metrics[split] = (regression_metrics(gold, probs) if TASKS[task].score_name
                               else classification_metrics(gold, probs))
         write_predictions(os.path.join(a.out, name), task, ex, probs, classes)
     print(format_table(metrics, title=f"ensemble of {len(dirs)}"))
@@ -596,27 +478,16 @@ def run_ensemble(a) -> dict:
     return {"metrics": metrics, "info": info}
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_predictions(path, task, ex, pred, classes):
     """One row per example: text [pair] [gold] prediction, then p(class) per class or the score."""
+    score = TASKS[task].score_name                           # one value per example, or classes
     head = ["text"] + (["pair"] if ex.pairs is not None else []) + (["gold"] if ex.labels is not None else [])
-    if task == "simcse":
-        head += ["cosine"]
-    elif task == "regression":
-        head += ["score"]
-    else:
-        head += ["prediction"] + [f"p_{c}" for c in classes]
+    head += [score] if score else ["prediction"] + [f"p_{c}" for c in classes]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\t".join(head) + "\n")
         for i, text in enumerate(ex.texts):
             row = [text] + ([ex.pairs[i]] if ex.pairs is not None else []) + ([ex.labels[i]] if ex.labels is not None else [])
-            if task in ("regression", "simcse"):
+            if score:
                 row.append(f"{pred[i]:.6f}")
             else:
                 row += [classes[int(pred[i].argmax())]] + [f"{p:.6f}" for p in pred[i]]

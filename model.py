@@ -4,7 +4,8 @@ Read beside docs/transformer.md: every equation there carries a label (eq:attent
 place in this file that computes it carries the same label in a comment.
 
     EncoderConfig -> Embeddings -> SelfAttention + FeedForward = Block -> Encoder
-                  -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear)
+                  -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear),
+                            SentenceEncoder (one pooled vector, no head: SimCSE)
 
 Layer names are our own; `HF_BERT_NAMES` near the bottom maps them to the Hugging Face BERT checkpoint
 layout in one table, so `from_hf_bert` / `save_hf_bert` are a short, explicit translation.
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic import atomic_write
 from losses import cross_entropy
 
 # -----------------------------------------------------------------------------------------------------
@@ -157,19 +159,19 @@ class Unpadded:
 
     def __init__(self, attention_mask, causal: bool):
         self.shape = attention_mask.shape                                          # (B, T)
-        self.rows = attention_mask.flatten().nonzero().squeeze(1)                  # (N,) flat indices
+        self.real = attention_mask.flatten().nonzero().squeeze(1)                  # (N,) flat indices
         self.mask = visible_keys(attention_mask, self.shape[1], causal, attention_mask.device)
 
     def pack(self, x):
-        return x.flatten(0, 1).index_select(0, self.rows)                         # (B, T, ...) -> (N, ...)
+        return x.flatten(0, 1).index_select(0, self.real)                         # (B, T, ...) -> (N, ...)
 
     def unpack(self, x):
         full = x.new_zeros(self.shape.numel(), *x.shape[1:])                       # padding rows stay 0
-        return full.index_copy(0, self.rows, x).view(*self.shape, *x.shape[1:])   # (N, ...) -> (B, T, ...)
+        return full.index_copy(0, self.real, x).view(*self.shape, *x.shape[1:])   # (N, ...) -> (B, T, ...)
 
     def packed_index(self, flat):
         """Flat (B*T) indices of real tokens -> their rows in the packed (N, ...) tensor."""
-        return torch.searchsorted(self.rows, flat)
+        return torch.searchsorted(self.real, flat)
 
 
 class SelfAttention(nn.Module):
@@ -188,10 +190,11 @@ class SelfAttention(nn.Module):
         # (nh, P, hs) that every query may attend to. None = plain attention.
         self.prefix = None
 
-    def forward(self, x, mask):
-        """x (B, T, C) with a bool mask or None; or the packed real rows (N, C) with an Unpadded layout."""
-        if isinstance(mask, Unpadded):
-            return self.proj(mask.pack(self.attend(mask.unpack(self.qkv(x)), mask.mask)))   # (N, C)
+    def forward(self, x, mask, layout=None):
+        """x (B, T, C) and the bool mask of visible keys (or None: all); with an Unpadded layout, x is the
+        packed real rows (N, C), re-padded around the attention itself."""
+        if layout is not None:
+            return self.proj(layout.pack(self.attend(layout.unpack(self.qkv(x)), mask)))   # (N, C)
         return self.proj(self.attend(self.qkv(x), mask))
 
     def attend(self, qkv, mask):
@@ -200,12 +203,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split(C, dim=2)                                    # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.prefix is not None:
-            pk, pv = self.prefix()                                       # (nh, P, hs) each
-            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)   # (B, nh, P+T, hs)
-            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-            P = pk.shape[1]
-            full = torch.ones(B, 1, T if mask is None else mask.shape[2], P, dtype=torch.bool, device=q.device)
-            mask = full if mask is None else torch.cat([full, mask.expand(B, 1, -1, -1)], dim=-1)   # keys: [prefix; x]
+            k, v, mask = with_prefix(self.prefix(), k, v, mask)          # keys: [prefix; x], (B, nh, P+T, hs)
         p_drop = self.dropout if self.training else 0.0
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
@@ -217,6 +215,16 @@ class SelfAttention(nn.Module):
             probs = F.dropout(scores.softmax(dim=-1), p_drop, self.training)
             y = probs @ v                                                # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)                        # concatenate heads: (B, T, C)
+
+
+def with_prefix(prefix, k, v, mask):
+    """Prefix tuning's learned keys and values (nh, P, hs) put before k and v (B, nh, T, hs); the mask
+    gains P columns that every query sees."""
+    (pk, pv), B, T = prefix, k.shape[0], k.shape[2]
+    k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)     # (B, nh, P+T, hs)
+    v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    full = torch.ones(B, 1, T if mask is None else mask.shape[2], pk.shape[1], dtype=torch.bool, device=k.device)
+    return k, v, full if mask is None else torch.cat([full, mask.expand(B, 1, -1, -1)], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -249,14 +257,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_norm = cfg.norm == "pre"
 
-    def forward(self, x, mask, rows=None):
-        """rows: flat indices of the only output rows wanted, or None for all. Everything after attention acts
-        on each row alone, so it runs on those M rows only and the result is (M, C)."""
+    def forward(self, x, mask, layout=None, rows=None):
+        """mask, layout: as SelfAttention takes them. rows: flat indices of the only output rows wanted, or
+        None for all. Everything after attention acts on each row alone, so it runs on those M rows only and
+        the result is (M, C)."""
         if self.pre_norm:
-            a = self.attn(self.attn_norm(x), mask)
+            a = self.attn(self.attn_norm(x), mask, layout)
             x = select(x, rows) + self.drop(select(a, rows))
             return x + self.drop(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(select(x, rows) + self.drop(select(self.attn(x, mask), rows)))
+        x = self.attn_norm(select(x, rows) + self.drop(select(self.attn(x, mask, layout), rows)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
@@ -283,13 +292,13 @@ class Encoder(nn.Module):
         x = self.embed(input_ids, token_type_ids) if embeddings is None else embeddings  # (B, T, C)
         layout = None
         if self.config.unpad and attention_mask is not None:
-            layout = mask = Unpadded(attention_mask, self.config.causal)  # padding rows come back as 0
-            x = layout.pack(x)                                           # (N, C): the real tokens only
+            layout = Unpadded(attention_mask, self.config.causal)        # padding rows come back as 0
+            x, mask = layout.pack(x), layout.mask                        # (N, C): the real tokens only
             rows = None if rows is None else layout.packed_index(rows)
         else:
             mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, rows if i == len(self.blocks) - 1 else None)
+            x = block(x, mask, layout, rows if i == len(self.blocks) - 1 else None)
         x = self.final_norm(x)
         return layout.unpack(x) if layout is not None and rows is None else x   # (B, T, C) or (M, C)
 
@@ -367,6 +376,22 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
 
 
+class SentenceEncoder(nn.Module):
+    """An encoder giving one vector per sequence: the [CLS] hidden state ("cls": SimCSE's
+    cls-before-pooler) or the mean over real tokens ("mean")."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
+        super().__init__()
+        self.encoder, self.config, self.pooling = encoder, encoder.config, pooling
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)         # (B, T, C)
+        if self.pooling == "cls":
+            return h[:, 0]                                                                # (B, C)
+        m = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)                                     # (B, C)
+
+
 def init_weights(module):
     """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -380,6 +405,19 @@ def init_weights(module):
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """What FSDP2 shards one by one (each unit gathers its full weights just before its forward and frees
+    them after): the Transformer blocks; the embeddings and heads go with the root."""
+    encoder = model if isinstance(model, Encoder) else model.encoder
+    return list(encoder.blocks)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself behind the wrappers training puts around it (DDP's .module, torch.compile's ._orig_mod)."""
+    model = getattr(model, "module", model)          # DDP
+    return getattr(model, "_orig_mod", model)        # torch.compile
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -570,12 +608,9 @@ def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
                for k, v in to_hf_state_dict(model).items()}
     if "cls.predictions.decoder.weight" in tensors:   # safetensors refuses shared memory: store a copy
         tensors["cls.predictions.decoder.weight"] = tensors["cls.predictions.decoder.weight"].clone()
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(path, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(os.path.join(path, "config.json")) as tmp, open(tmp, "w") as f:
         json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(path, "config.json"))
     if tokenizer is not None:
         tokenizer.save(path)

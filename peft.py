@@ -2,7 +2,12 @@
 
 Read beside docs/finetuning.md. One entry point changes a model in place:
 
-    apply_peft(model, method)   full | top | bitfit | adapter | lora | prefix
+    apply_peft(model, method, **options)   full | top | bitfit | adapter | lora | prefix
+
+`METHODS` is the one table of methods: name -> the function that applies it (its checks first), its usual
+peak learning rate, and its options with their defaults (finetune.py makes its flags from them). A new
+method is one function and one row; a module it adds subclasses `PeftModule`, so saving, counting and
+`without_peft` know it.
 
 Every method touches the model only through small hooks, so model.py knows nothing about it: it freezes
 and unfreezes parameters, wraps the Linear layers it adapts (LoRALinear, AdaptedLinear: they keep the
@@ -25,25 +30,24 @@ A LoRA model can instead be merged (`merge_lora`) into a plain model that any BE
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer import unwrap
-
-METHODS = ("full", "top", "bitfit", "adapter", "lora", "prefix")
-
+from atomic import atomic_write
+from model import unwrap
 
 class PeftError(ValueError):
     """Bad PEFT options or a PEFT checkpoint that does not fit the model; the message says which."""
 
 
-def _linear_like(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+def linear_like(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
     """A plain nn.Linear holding the given Parameters (built on the meta device: nothing is initialised)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight, lin.bias = weight, bias
@@ -54,7 +58,19 @@ def _linear_like(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
 # the modules PEFT adds
 
 
-class LoRALinear(nn.Module):
+class PeftModule(nn.Module):
+    """A module a PEFT method adds. A wrapper keeps the wrapped layer's `weight` and `bias` under those
+    names; every other parameter of it is added by the method (and saved by save_peft)."""
+
+    def plain(self) -> nn.Module | None:
+        """What stands in its place inside without_peft (the BERT layout has no name for it); None: nothing."""
+        return None
+
+    def added_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if n not in ("weight", "bias")}
+
+
+class LoRALinear(PeftModule):
     """A frozen Linear plus a trainable low-rank update (Hu et al. 2021).
 
     A is (r, in) with Kaiming-uniform init, B is (out, r) with zeros: BA = 0, so training starts exactly
@@ -81,10 +97,10 @@ class LoRALinear(nn.Module):
         """W <- W0 + (alpha/r) B A: one plain Linear giving the same outputs, with no extra cost.  [eq:lora-merge]"""
         with torch.no_grad():
             w = self.weight + self.scale * (self.lora_B @ self.lora_A)      # (out, r) @ (r, in) -> (out, in)
-        return _linear_like(nn.Parameter(w, requires_grad=self.weight.requires_grad), self.bias)
+        return linear_like(nn.Parameter(w, requires_grad=self.weight.requires_grad), self.bias)
 
     def plain(self) -> nn.Linear:
-        return _linear_like(self.weight, self.bias)
+        return linear_like(self.weight, self.bias)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -110,7 +126,7 @@ class Adapter(nn.Module):
         return h + self.up(F.gelu(self.down(h)))
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(PeftModule):
     """A frozen Linear whose output goes through an Adapter: wraps attn.proj and ffn.fc2, so the adapter
     sits after each sublayer's output projection, before the residual add and LayerNorm of the block."""
 
@@ -125,10 +141,10 @@ class AdaptedLinear(nn.Module):
         return self.adapter(F.linear(x, self.weight, self.bias))
 
     def plain(self) -> nn.Linear:
-        return _linear_like(self.weight, self.bias)
+        return linear_like(self.weight, self.bias)
 
 
-class Prefix(nn.Module):
+class Prefix(PeftModule):
     """Prefix tuning (Li & Liang 2021): P learned keys and values per layer that every query may attend to,
     as if P virtual tokens stood before the input. Set on `SelfAttention.prefix`, which concatenates them:
 
@@ -147,21 +163,12 @@ class Prefix(nn.Module):
         return self.k, self.v                               # (nh, P, hs) each
 
 
-PEFT_MODULES = (LoRALinear, AdaptedLinear, Prefix)
+PEFT_MODULES = PeftModule          # for isinstance(m, PEFT_MODULES)
 
 
 # -----------------------------------------------------------------------------------------------------
-# applying a method
-
-
-def _encoder(model: nn.Module) -> tuple[str, nn.Module]:
-    """(what the encoder's parameter names start with, the encoder), for an Encoder or a model holding one."""
-    model = unwrap(model)
-    if hasattr(model, "encoder"):
-        return "encoder.", model.encoder
-    if hasattr(model, "blocks"):
-        return "", model
-    raise PeftError(f"{type(model).__name__} has no .encoder (expected an Encoder, LanguageModel or SequenceClassifier)")
+# the methods: each checks its options, then changes the encoder and returns the base parameters that
+# train (the parameters of the modules it adds train anyway, and so does the task head)
 
 
 def _check(cond: bool, msg: str):
@@ -169,59 +176,46 @@ def _check(cond: bool, msg: str):
         raise PeftError(msg)
 
 
-def apply_peft(model: nn.Module, method: str, train_layers: int = 2, lora_r: int = 8, lora_alpha: float = 16,
-               lora_dropout: float = 0.0, lora_targets=("qkv", "proj"), adapter_size: int = 64,
-               prefix_len: int = 16) -> None:
-    """Freeze / unfreeze and insert the method's modules, in place. Call it before wrapping the model in
-    DDP or torch.compile, and before building the optimizer (which takes only trainable parameters)."""
-    model = unwrap(model)
-    in_encoder, encoder = _encoder(model)
-    blocks, lora_targets = encoder.blocks, tuple(lora_targets)
-    # every check first, so that a bad option leaves the model as it was
-    _check(method in METHODS, f"PEFT method must be one of {', '.join(METHODS)}, got {method!r}")
-    _check(not any(isinstance(m, PEFT_MODULES) for m in model.modules()),
-           "the model already has PEFT modules (apply a method once, to a fresh model)")
-    if method == "top":
-        _check(0 <= train_layers <= len(blocks), f"train_layers must be in 0..{len(blocks)}, got {train_layers}")
-    if method == "adapter":
-        _check(adapter_size >= 1, f"adapter_size must be >= 1, got {adapter_size}")
-    if method == "prefix":
-        _check(prefix_len >= 1, f"prefix_len must be >= 1, got {prefix_len}")
-    if method == "lora":
-        lora_layers = _lora_layers(encoder, lora_r, lora_alpha, lora_dropout, lora_targets)
+def full(encoder):
+    return list(encoder.parameters())
 
-    for p in model.parameters():
-        p.requires_grad_(method == "full")
-    if method == "top":
-        top = list(blocks)[len(blocks) - train_layers:]
-        if train_layers:
-            top.append(encoder.final_norm)                  # a pre-LN stack's last norm sits above the top block
-        for module in top:
-            module.requires_grad_(True)
-    elif method == "bitfit":
-        for name, p in encoder.named_parameters():          # every bias: Linear ones and LayerNorm betas
-            if name.endswith("bias"):
-                p.requires_grad_(True)
-    elif method == "adapter":
-        for block in blocks:
-            block.attn.proj = AdaptedLinear(block.attn.proj, adapter_size)
-            block.ffn.fc2 = AdaptedLinear(block.ffn.fc2, adapter_size)
-        for module in encoder.modules():                    # Houlsby et al. also train the LayerNorms
-            if isinstance(module, nn.LayerNorm):
-                module.requires_grad_(True)
-    elif method == "lora":
-        for name in lora_layers:
-            parent, _, child = name.rpartition(".")
-            owner = encoder.get_submodule(parent)
-            setattr(owner, child, LoRALinear(getattr(owner, child), lora_r, lora_alpha, lora_dropout))
-    elif method == "prefix":
-        for block in blocks:
-            attn, w = block.attn, block.attn.qkv.weight
-            attn.prefix = Prefix(attn.num_heads, prefix_len, attn.head_dim, device=w.device, dtype=w.dtype)
-    if in_encoder:                                          # the task head always trains (an Encoder has none)
-        for name, p in model.named_parameters():
-            if not name.startswith(in_encoder):
-                p.requires_grad_(True)
+
+def top(encoder, train_layers):
+    blocks = encoder.blocks
+    _check(0 <= train_layers <= len(blocks), f"train_layers must be in 0..{len(blocks)}, got {train_layers}")
+    top = list(blocks)[len(blocks) - train_layers:]
+    if train_layers:
+        top.append(encoder.final_norm)                      # a pre-LN stack's last norm sits above the top block
+    return [p for module in top for p in module.parameters()]
+
+
+def bitfit(encoder):
+    return [p for name, p in encoder.named_parameters() if name.endswith("bias")]   # Linear biases, LN betas
+
+
+def adapter(encoder, adapter_size):
+    _check(adapter_size >= 1, f"adapter_size must be >= 1, got {adapter_size}")
+    for block in encoder.blocks:
+        block.attn.proj = AdaptedLinear(block.attn.proj, adapter_size)
+        block.ffn.fc2 = AdaptedLinear(block.ffn.fc2, adapter_size)
+    # Houlsby et al. also train the LayerNorms
+    return [p for m in encoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+
+
+def lora(encoder, lora_r, lora_alpha, lora_dropout, lora_targets):
+    for name in _lora_layers(encoder, lora_r, lora_alpha, lora_dropout, tuple(lora_targets)):
+        parent, _, child = name.rpartition(".")
+        owner = encoder.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), lora_r, lora_alpha, lora_dropout))
+    return []
+
+
+def prefix(encoder, prefix_len):
+    _check(prefix_len >= 1, f"prefix_len must be >= 1, got {prefix_len}")
+    for block in encoder.blocks:
+        attn, w = block.attn, block.attn.qkv.weight
+        attn.prefix = Prefix(attn.num_heads, prefix_len, attn.head_dim, device=w.device, dtype=w.dtype)
+    return []
 
 
 def _lora_layers(encoder: nn.Module, r, alpha, dropout, targets: tuple[str, ...]) -> list[str]:
@@ -235,6 +229,71 @@ def _lora_layers(encoder: nn.Module, r, alpha, dropout, targets: tuple[str, ...]
                f"lora target {target!r} matches no Linear in the encoder (its Linear layers end in "
                f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))})")
     return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated flag value -> its names."""
+    return tuple(t for t in text.split(",") if t)
+
+
+@dataclass(frozen=True)
+class Method:
+    apply: Callable                 # (encoder, **its options) -> the base parameters that train
+    lr: float                       # peak learning rate: the usual range from the method's paper
+    options: dict = field(default_factory=dict)   # option -> (default, flag type, help)
+
+
+# Fewer trainable parameters, most of them new, take larger steps; a full fine-tune of a pre-trained model
+# must not wash it out.
+METHODS = {
+    "full": Method(full, 5e-5),
+    "top": Method(top, 1e-4, {"train_layers": (2, int, "top: how many top layers train")}),
+    "bitfit": Method(bitfit, 1e-3),
+    "adapter": Method(adapter, 1e-3, {"adapter_size": (64, int, "adapter: bottleneck width")}),
+    "lora": Method(lora, 5e-4, {"lora_r": (8, int, "lora: rank of the update"),
+                                "lora_alpha": (16, float, "lora: the update is scaled by alpha / r"),
+                                "lora_dropout": (0.0, float, "lora: dropout on the update's input"),
+                                "lora_targets": (("qkv", "proj"), names, "lora: comma-separated Linear names")}),
+    "prefix": Method(prefix, 5e-3, {"prefix_len": (16, int, "prefix: virtual tokens per layer")}),
+}
+
+
+def known_options() -> dict[str, tuple]:
+    """Every method's options: name -> (default, flag type, help)."""
+    return {name: spec for method in METHODS.values() for name, spec in method.options.items()}
+
+
+def _encoder(model: nn.Module) -> tuple[str, nn.Module]:
+    """(what the encoder's parameter names start with, the encoder), for an Encoder or a model holding one."""
+    model = unwrap(model)
+    if hasattr(model, "encoder"):
+        return "encoder.", model.encoder
+    if hasattr(model, "blocks"):
+        return "", model
+    raise PeftError(f"{type(model).__name__} has no .encoder (expected an Encoder, LanguageModel or SequenceClassifier)")
+
+
+def apply_peft(model: nn.Module, method: str, **given) -> None:
+    """Freeze / unfreeze and insert the method's modules, in place. `given`: options of any method (each
+    method takes its own; the rest are ignored, so one set of flags serves all). Call it before wrapping
+    the model in DDP or torch.compile, and before building the optimizer (which takes only trainable
+    parameters). A bad option raises PeftError and leaves the model as it was."""
+    model = unwrap(model)
+    in_encoder, encoder = _encoder(model)
+    _check(method in METHODS, f"PEFT method must be one of {', '.join(METHODS)}, got {method!r}")
+    unknown = sorted(set(given) - set(known_options()))
+    _check(not unknown, f"unknown PEFT options {unknown}")
+    _check(not any(isinstance(m, PeftModule) for m in model.modules()),
+           "the model already has PEFT modules (apply a method once, to a fresh model)")
+    spec = METHODS[method]
+    base = spec.apply(encoder, **{k: given.get(k, default) for k, (default, _, _) in spec.options.items()})
+    trains = {id(p) for p in [*base, *added_parameters(model).values()]}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trains)
+    if in_encoder:                                          # the task head always trains (an Encoder has none)
+        for name, p in model.named_parameters():
+            if not name.startswith(in_encoder):
+                p.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -257,10 +316,8 @@ def without_peft(model: nn.Module):
     swaps = []                                              # (owner, attribute, PEFT module, stand-in)
     for name, m in raw.named_modules():
         parent, _, child = name.rpartition(".")
-        if isinstance(m, (LoRALinear, AdaptedLinear)):
+        if isinstance(m, PeftModule):
             swaps.append((raw.get_submodule(parent) if parent else raw, child, m, m.plain()))
-        elif isinstance(m, Prefix):
-            swaps.append((raw.get_submodule(parent) if parent else raw, child, m, None))
     for owner, attr, _, stand_in in swaps:
         setattr(owner, attr, stand_in)
     try:
@@ -274,18 +331,14 @@ def without_peft(model: nn.Module):
 # what trains, and saving it
 
 
-def _added_names(model: nn.Module) -> list[str]:
-    """Names of the parameters PEFT added (LoRA A and B, adapters, prefixes), not the wrapped base ones."""
-    names = []
+def added_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters PEFT added (LoRA A and B, adapters, prefixes), by name; not the wrapped base ones."""
+    found = {}
     for mod_name, m in unwrap(model).named_modules():
-        pre = mod_name + "." if mod_name else ""
-        if isinstance(m, LoRALinear):
-            names += [pre + "lora_A", pre + "lora_B"]
-        elif isinstance(m, AdaptedLinear):
-            names += [pre + "adapter." + n for n, _ in m.adapter.named_parameters()]
-        elif isinstance(m, Prefix):
-            names += [pre + n for n, _ in m.named_parameters()]
-    return names
+        if isinstance(m, PeftModule):
+            pre = mod_name + "." if mod_name else ""
+            found.update({pre + n: p for n, p in m.added_parameters().items()})
+    return found
 
 
 def trainable_summary(model: nn.Module) -> dict:
@@ -294,7 +347,7 @@ def trainable_summary(model: nn.Module) -> dict:
     PEFT additions excluded): the fraction of the pre-trained encoder that fine-tuning adds or changes."""
     named = list(unwrap(model).named_parameters())
     in_encoder, _ = _encoder(model)
-    added = set(_added_names(model))
+    added = set(added_parameters(model))
     total = sum(p.numel() for _, p in named)
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     encoder_params = [(n, p) for n, p in named if n.startswith(in_encoder)]
@@ -309,7 +362,7 @@ def trainable_summary(model: nn.Module) -> dict:
 def peft_state_dict(model: nn.Module) -> dict:
     """What fine-tuning changed: the PEFT-added parameters and every other trainable one (the unfrozen
     base parameters of top/bitfit/adapter, and the head), by name. For `full` that is the whole model."""
-    added = set(_added_names(model))
+    added = set(added_parameters(model))
     return {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad or n in added}
 
 
@@ -319,7 +372,7 @@ def load_peft_state_dict(model: nn.Module, state: dict) -> None:
     params = dict(unwrap(model).named_parameters())
     unknown = sorted(k for k in state if k not in params)
     _check(not unknown, f"parameters not in the model: {', '.join(unknown[:8])}")
-    missing = [k for k in _added_names(model) if k not in state]
+    missing = [k for k in added_parameters(model) if k not in state]
     _check(not missing, f"PEFT parameters missing: {', '.join(missing[:8])}")
     for k, v in state.items():
         _check(tuple(v.shape) == tuple(params[k].shape),
@@ -334,19 +387,16 @@ def save_peft(model: nn.Module, out_dir: str, method: str, options: dict | None 
     (peft_state_dict), each atomically."""
     from safetensors.torch import save_file
     options = dict(options or {})
-    known = set(inspect.signature(apply_peft).parameters) - {"model", "method"}
     _check(method in METHODS, f"PEFT method must be one of {', '.join(METHODS)}, got {method!r}")
-    _check(not set(options) - known, f"unknown PEFT options {sorted(set(options) - known)}")
+    unknown = sorted(set(options) - set(known_options()))
+    _check(not unknown, f"unknown PEFT options {unknown}")
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.cpu().contiguous() for k, v in peft_state_dict(model).items()}
-    tmp = os.path.join(out_dir, "peft.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "peft.safetensors"))
-    tmp = os.path.join(out_dir, "peft.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(out_dir, "peft.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(os.path.join(out_dir, "peft.json")) as tmp, open(tmp, "w") as f:
         json.dump({"method": method, "options": options}, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "peft.json"))
 
 
 def load_peft(model: nn.Module, out_dir: str) -> dict:

@@ -11,11 +11,14 @@ int8 or pruned). Several folders, comma-separated, form an ensemble whose probab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import numpy as np
+
+from atomic import atomic_write
 
 
 class InputError(ValueError):
@@ -27,14 +30,14 @@ class InputError(ValueError):
 
 
 def load_model(path: str):
-    """(model, tokenizer, info) for a folder: int8 folders (export.py) by export.load_int8, every other by
-    finetune.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
+    """(model, tokenizer, info) for a folder: int8 folders (export.py) by int8.load_int8, every other by
+    finetuned.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
-    from export import INT8_WEIGHTS, load_int8             # late: export.py imports this file
+    from int8 import INT8_WEIGHTS, load_int8              # late: the model code loads only when a model does
     if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
         return load_int8(path)
-    from finetune import load_finetuned
+    from finetuned import load_finetuned
     return load_finetuned(path)
 
 
@@ -44,7 +47,7 @@ class Predictor:
     calibration and needs nothing from them beyond predict_proba."""
 
     def __init__(self, paths: list[str], batch_size: int = 32):
-        from finetune import predict_proba
+        from finetuned import predict_proba
         self._predict_proba = predict_proba
         if not paths:
             raise InputError("no model folder given")
@@ -134,9 +137,7 @@ def run(args) -> None:
     else:
         texts, pairs = stdin_texts(predictor.needs_pairs)
     predictor.check(texts, pairs)
-    tmp = args.output + ".tmp" if args.output else None
-    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
-    try:
+    with output_file(args.output) as out:
         if args.format == "tsv":
             out.write(format_header(predictor) + "\n")
         bar = tqdm(total=len(texts), unit="text", disable=args.no_progress or not args.input, file=sys.stderr)
@@ -147,11 +148,16 @@ def run(args) -> None:
                 out.write(format_row(row, args.format) + "\n")
             bar.update(len(texts[i:i + step]))
         bar.close()
-    finally:
-        if tmp:
-            out.close()
-    if tmp:
-        os.replace(tmp, args.output)   # a finished file or none: never half a predictions file
+
+
+@contextlib.contextmanager
+def output_file(path):
+    """stdout, or `path` written atomically: a finished predictions file or none, never half of one."""
+    if path is None:
+        yield sys.stdout
+        return
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,12 @@ docs/distributed.md.
 
 The task is given as three things: `loss_fn(model, batch) -> summed loss`, `data.micro_batch(step, index)`
 (a pure function of the step, so that resuming needs no data-loader state), and `eval_fn(model) -> dict`.
-The loop knows nothing about masks, labels or heads.
+The loop knows nothing about masks, labels or heads. Its pieces, each named:
+
+    parallelize -> Parallel     DDP / FSDP2 (on the model's shard units) / torch.compile, and all that differs
+    Checkpointer                resume, save, save the best; every rank's RNG; FSDP's full state dicts
+    train_step                  the one optimizer step, with the labelled equations
+    EarlyStopping, Logger       the best dev metric and patience; metrics.jsonl, TensorBoard, the bar
 """
 from __future__ import annotations
 
@@ -21,40 +26,65 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from atomic import atomic_write
+from model import shard_units, unwrap
+
 # -----------------------------------------------------------------------------------------------------
-# flags shared by pretrain.py and finetune.py
+# the loop's configuration, and the flags shared by pretrain.py and finetune.py made from it
+
+
+def flag(default, help, **argparse_kw):
+    """A TrainConfig field that is also a command-line flag (--name-with-dashes)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything train() reads. Build it directly, or from parsed flags with TrainConfig.from_args."""
+    out: str | None = flag(None, "output folder: checkpoint, exported model, metrics.jsonl")
+    max_steps: int = flag(1000, "optimizer steps", type=int)
+    batch_size: int = flag(32, "examples per micro-batch on each rank", type=int)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", type=int)
+    lr: float = flag(5e-4, "peak learning rate", type=float)
+    weight_decay: float = flag(0.01, "AdamW decoupled weight decay (not on biases/norms)", type=float)
+    beta2: float = flag(0.98, "AdamW beta2 (beta1 = 0.9)", type=float)
+    warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
+    schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
+    amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])
+    compile: bool = flag(False, "torch.compile the model", action="store_true")
+    fsdp: bool = flag(False, "shard parameters with FSDP2 fully_shard (under torchrun)", action="store_true")
+    eval_every: int = flag(200, "evaluate every N steps (0: only at the end)", type=int)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", type=int)
+    log_every: int = flag(10, "write a metrics.jsonl line every N steps", type=int)
+    seed: int = flag(1337, "seeds dropout (each rank its own) and the data order", type=int)
+    resume: str | None = flag(None, "continue the run in --out (or from CHECKPOINT)", nargs="?", const="auto",
+                              metavar="CHECKPOINT")
+    stop_at_step: int | None = flag(None, "save a checkpoint and exit at this step", type=int)
+    tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
+    device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    no_progress: bool = flag(False, "no tqdm bar", action="store_true")
+    seq_len: int | None = None        # not a flag: tokens per sequence for the MFU estimate (pretrain's --seq-len)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainConfig":
+        """The fields found in parsed flags (pretrain's, finetune's), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(given | overrides))
 
 
 def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """TrainConfig's flags, in one argument group; `defaults` overrides the caller's own defaults."""
     g = p.add_argument_group("training loop")
-    g.add_argument("--out", help="output folder: checkpoint, exported model, metrics.jsonl")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch on each rank")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on biases/norms)")
-    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (beta1 = 0.9)")
-    g.add_argument("--warmup", type=float, default=0.06, help="warm-up steps, or a fraction of --max-steps if < 1")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
-    g.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard (under torchrun)")
-    g.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N steps")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue the run in --out (or from CHECKPOINT)")
-    g.add_argument("--stop-at-step", type=int, default=None, help="save a checkpoint and exit at this step")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to --out")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
     p.set_defaults(**defaults)
     return p
 
@@ -137,11 +167,6 @@ def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str =
 # checkpoints: plain state_dicts, written atomically, read with weights_only=True
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)          # DDP
-    return getattr(model, "_orig_mod", model)        # torch.compile
-
-
 def model_state(model: torch.nn.Module) -> dict:
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):   # FSDP2: gather full tensors
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -152,15 +177,8 @@ def model_state(model: torch.nn.Module) -> dict:
 def atomic_save(obj, path: str):
     """Write to a temporary name, flush to disk, then rename: a crash mid-write never leaves a torn file
     under the real name, so the last good checkpoint survives."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -205,6 +223,11 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def requested_anywhere(self, here: bool, dist_env: Dist) -> bool:
+        """A stop asked for on any rank (a signal, or `here`): every rank joins the all-reduce, every step."""
+        flag = torch.tensor(float(self.requested or here), device=dist_env.device)
+        return dist_env.all_reduce_sum(flag).item() > 0
+
     def restore(self):
         """Put the old handlers back when training ends: a process forked later (a worker pool) must die
         on SIGTERM, not set a flag nobody reads."""
@@ -212,10 +235,195 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
-          extra_state=None, log_fields=None) -> dict:
-    """Train `model` in place; returns {"step", "stopped_early", "last_eval", "best"}.
+class Parallel:
+    """The model in the three forms training needs: `raw`, the module itself (the optimizer, clipping,
+    evaluation, export); `sharded`, raw inside DDP or FSDP2 (gradient sync, state dicts); `model`, what the
+    forward calls (sharded, then torch.compile). Everything that differs between DDP and FSDP lives here."""
 
+    def __init__(self, raw, sharded, model, fsdp: bool):
+        self.raw, self.sharded, self.model, self.fsdp = raw, sharded, model, fsdp
+
+    def sync_gradients(self, on: bool):
+        """All-reduce gradients in this backward or not; must be set before the forward."""
+        if isinstance(self.sharded, DDP):
+            self.sharded.require_backward_grad_sync = on
+        elif self.fsdp:
+            self.sharded.set_requires_gradient_sync(on)
+
+    def state_dict(self) -> dict:
+        return model_state(self.sharded if self.fsdp else self.raw)    # FSDP: a collective, every rank joins
+
+    def optimizer_state(self, opt) -> dict:
+        if not self.fsdp:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load(self, model_state_dict, opt, opt_state_dict):
+        if not self.fsdp:
+            self.raw.load_state_dict(model_state_dict)
+            opt.load_state_dict(opt_state_dict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.sharded, model_state_dict, options=options)
+        set_optimizer_state_dict(self.sharded, opt, opt_state_dict, options=options)
+
+    def for_eval(self):
+        return self.model if self.fsdp else self.raw            # FSDP: only the sharded module holds weights
+
+    def plain(self, state: dict):
+        """An unsharded model for export: raw itself, or under FSDP (no deep copy) a fresh one loaded with state."""
+        if not self.fsdp:
+            return self.raw
+        from torch.distributed.fsdp import FSDPModule
+        cls = next(c for c in type(self.raw).__mro__ if not issubclass(c, FSDPModule))
+        clone = cls(self.raw.config)
+        clone.load_state_dict(state)
+        return clone
+
+
+def parallelize(model, cfg, dist_env: Dist) -> Parallel:
+    """Move to the device, then FSDP2 (each of the model's shard units, then the whole) or DDP when there
+    are several ranks, then torch.compile. The model side names the shard units (model.shard_units)."""
+    dev = dist_env.device
+    raw = sharded = model.to(dev)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for unit in shard_units(raw):
+            fully_shard(unit)
+        sharded = fully_shard(raw)
+    elif dist_env.world_size > 1:
+        sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp)
+
+
+def amp_context(amp: str, device):
+    """A factory of the autocast context for --amp (bf16, fp16), or of a null context."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+
+class EarlyStopping:
+    """The best value of a dev metric so far; stop after `patience` evaluations without improving on it.
+    metric None: nothing is watched, nothing stops."""
+
+    def __init__(self, metric=None, mode="max", patience=0):
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.best, self.bad_evals = None, 0
+
+    def update(self, metrics: dict) -> bool:
+        """Take an evaluation; True when it is a new best."""
+        if self.metric is None or self.metric not in metrics:
+            return False
+        value = metrics[self.metric]
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best, self.bad_evals = value, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.metric is not None and self.bad_evals >= self.patience
+
+
+class Checkpointer:
+    """checkpoint.pt (everything resuming needs, each rank's RNG included) and best_model.pt (early
+    stopping's best weights) in --out: written by rank 0, atomically; plain state_dicts."""
+
+    def __init__(self, cfg: TrainConfig, par: Parallel, opt, scaler, dist_env: Dist, extra_state=None, on_save=None,
+                 record=None):
+        self.cfg, self.par, self.opt, self.scaler, self.dist_env = cfg, par, opt, scaler, dist_env
+        self.extra_state, self.on_save = extra_state or {}, on_save
+        # the run's flags, for the record (what resuming reads is the rest of the checkpoint)
+        self.record = {k: v for k, v in (record or vars(cfg)).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        self.path, self.best_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "best_model.pt")
+
+    def restore(self, early: EarlyStopping) -> tuple[int, int]:
+        """(step, skipped steps) to start from: 0, 0, or those of --resume's checkpoint, loaded."""
+        resume, main = self.cfg.resume, self.dist_env.is_main
+        if not resume or (resume == "auto" and not os.path.exists(self.path)):
+            if resume and main:
+                print(f"--resume: no checkpoint in {self.cfg.out} yet, starting from step 0")
+            return 0, 0
+        path = self.path if resume == "auto" else resume
+        ckpt = load_checkpoint(path)
+        self.par.load(ckpt["model"], self.opt, ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        early.best, early.bad_evals = ckpt.get("best"), ckpt.get("bad_evals", 0)
+        rank = self.dist_env.rank
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if main:
+            _truncate_log(os.path.join(self.cfg.out, "metrics.jsonl"), ckpt["step"])
+            print(f"resumed from {path} at step {ckpt['step']}")
+        return ckpt["step"], ckpt.get("skipped", 0)
+
+    def save(self, step: int, skipped: int, early: EarlyStopping):
+        world = self.dist_env.world_size
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        state, opt_state = self.par.state_dict(), self.par.optimizer_state(self.opt)
+        if self.dist_env.is_main:
+            atomic_save({"model": state, "optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": step,
+                         "skipped": skipped, "best": early.best, "bad_evals": early.bad_evals, "rng": states,
+                         "cfg": self.record, **self.extra_state}, self.path)
+            if self.on_save:
+                self.on_save(self.par.plain(state))
+        self.dist_env.barrier()
+
+    def save_best(self):
+        if self.dist_env.is_main:
+            atomic_save(model_state(self.par.raw), self.best_path)
+
+    def restore_best(self, early: EarlyStopping):
+        """Early stopping: put the best weights back."""
+        if early.metric is not None and os.path.exists(self.best_path):
+            self.par.raw.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+
+
+def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast, dist_env: Dist):
+    """One optimizer step over this rank's micro-batches. Returns (their summed loss, N, the gradient norm
+    before clipping, 1 if fp16 skipped the step for an inf/nan gradient else 0)."""
+    dev, world = dist_env.device, dist_env.world_size
+    # N: the real targets of this whole optimizer step, over every micro-batch on every rank.
+    # Dividing each micro-batch's summed loss by N (not by its own count) makes accumulation and DDP
+    # give exactly the gradient of one big batch, even when micro-batches hold different numbers of
+    # masked tokens.  [eq:accum-normalise]
+    n_targets = dist_env.all_reduce_sum(torch.tensor(float(sum(int(b["num_targets"]) for b in batches)), device=dev))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss_total = torch.zeros((), device=dev)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        par.sync_gradients(i == len(batches) - 1)        # all-reduce on the last micro-batch only
+        with autocast():
+            loss_sum = loss_fn(par.model, batch)
+        # DDP and FSDP average gradients over ranks (all-reduce, then / world); the world factor turns
+        # that mean back into the sum over ranks.  [eq:allreduce]
+        loss = loss_sum / n_targets.clamp(min=1) * world
+        scaler.scale(loss).backward()      # fp16: backward of S * loss, so small gradients survive  [eq:loss-scaling]
+        loss_total += loss_sum.detach().float()
+    scaler.unscale_(opt)
+    # g <- g * min(1, clip / ||g||), the norm taken over all parameters together  [eq:clip]
+    grad_norm = torch.nn.utils.clip_grad_norm_(par.raw.parameters(), clip if clip > 0 else float("inf"))
+    scale_before = scaler.get_scale()
+    scaler.step(opt)                        # fp16: skipped when any gradient is inf/nan
+    scaler.update()
+    skipped = int(scaler.is_enabled() and scaler.get_scale() < scale_before)
+    opt.zero_grad(set_to_none=True)
+    return loss_total, n_targets, grad_norm, skipped
+
+
+def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
+          extra_state=None, log_fields=None) -> dict:
+    """Train `model` in place; returns {"step", "stopped_early", "preempted", "last_eval", "best"}.
+
+    config: a TrainConfig, or parsed flags holding its fields (pretrain.py passes its Namespace);
     loss_fn(model, batch) -> loss summed over the batch's real targets (a 0-dim tensor);
     data.micro_batch(step, index) -> batch dict holding "num_targets" (and "num_tokens"); index runs over
         all micro-batches of the step on all ranks (micro * world_size + rank), so 2 ranks x 1 micro-batch
@@ -224,185 +432,64 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
     monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored.
     """
-    out, dev, world = args.out, dist_env.device, dist_env.world_size
-    os.makedirs(out, exist_ok=True)
-    ckpt_path, best_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "best_model.pt")
-    torch.manual_seed(args.seed + dist_env.rank)     # each rank draws its own dropout masks
-    model.to(dev)
-    raw = sharded = model
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in raw.encoder.blocks:
-            fully_shard(block)
-        model = sharded = fully_shard(raw)
-    elif world > 1:
-        model = sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    opt = build_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2),
-                          impl="auto" if not args.fsdp else "foreach")
-    use_fp16 = args.amp == "fp16"
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_fp16)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    warmup = int(args.warmup * args.max_steps) if args.warmup < 1 else int(args.warmup)
-
-    step, skipped, best, bad_evals, last_eval = 0, 0, None, 0, {}
-    if args.resume == "auto" and not os.path.exists(ckpt_path):
-        if dist_env.is_main:
-            print(f"--resume: no checkpoint in {out} yet, starting from step 0")
-    elif args.resume:
-        path = ckpt_path if args.resume == "auto" else args.resume
-        ckpt = load_checkpoint(path)
-        if args.fsdp:
-            _load_fsdp(sharded, opt, ckpt["model"], ckpt["optimizer"])
-        else:
-            raw.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-        step, skipped, best, bad_evals = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("best"), ckpt.get("bad_evals", 0)
-        set_rng_state(ckpt["rng"][dist_env.rank] if dist_env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if dist_env.is_main:
-            _truncate_log(os.path.join(out, "metrics.jsonl"), step)
-            print(f"resumed from {path} at step {step}")
-
-    log = _Logger(out, args, dist_env, raw, start=step) if dist_env.is_main else None
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_args(config)
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed + dist_env.rank)      # each rank draws its own dropout masks
+    par = parallelize(model, cfg, dist_env)
+    opt = build_optimizer(par.raw, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2),
+                          impl="foreach" if par.fsdp else "auto")
+    scaler = torch.amp.GradScaler(dist_env.device.type, enabled=cfg.amp == "fp16")
+    autocast = amp_context(cfg.amp, dist_env.device)
+    warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    early = EarlyStopping(*(monitor or ()))
+    ckpt = Checkpointer(cfg, par, opt, scaler, dist_env, extra_state, on_save, record=vars(config))
+    step, skipped = ckpt.restore(early)
+    log = Logger(cfg, dist_env, par.raw, start=step, fields=log_fields)
     stop = StopRequested()
-    stopped_early = False
+    stopped_early = preempted = False
+    last_eval = {}
 
-    def save(final=False):
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        state = model_state(sharded if args.fsdp else raw)      # FSDP: a collective, so every rank joins
-        opt_state = _opt_state(opt, sharded, args.fsdp)
-        if dist_env.is_main:
-            ckpt = {"model": state, "optimizer": opt_state, "scaler": scaler.state_dict(),
-                    "step": step, "skipped": skipped, "best": best, "bad_evals": bad_evals, "rng": states,
-                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                    **(extra_state or {})}
-            atomic_save(ckpt, ckpt_path)
-            if on_save:
-                on_save(raw if not args.fsdp else _full_copy(raw, state))
-        dist_env.barrier()
-
-    def evaluate():
-        nonlocal best, bad_evals, last_eval
-        raw.eval()
+    def evaluate() -> bool:
+        """Run eval_fn, log it, keep the best weights; True when early stopping says stop."""
+        nonlocal last_eval
+        par.raw.eval()
         with torch.no_grad(), autocast():
-            last_eval = eval_fn(raw if not args.fsdp else model) if eval_fn else {}
-        raw.train()
-        if log:
-            log.write({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}}, echo=True)
-        if monitor and monitor[0] in last_eval:
-            value = last_eval[monitor[0]]
-            if best is None or (value > best if monitor[1] == "max" else value < best):
-                best, bad_evals = value, 0
-                if dist_env.is_main:
-                    atomic_save(model_state(raw), best_path)
-            else:
-                bad_evals += 1
-        return monitor is not None and bad_evals >= monitor[2]
+            last_eval = eval_fn(par.for_eval())
+        par.raw.train()
+        log.write({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}}, echo=True)
+        if early.update(last_eval):
+            ckpt.save_best()
+        return early.should_stop
 
-    model.train()
-    t0, tokens_since = time.time(), 0
-    while step < args.max_steps:
-        # N: the real targets of this whole optimizer step, over every micro-batch on every rank.
-        # Dividing each micro-batch's summed loss by N (not by its own count) makes accumulation and DDP
-        # give exactly the gradient of one big batch, even when micro-batches hold different numbers of
-        # masked tokens.  [eq:accum-normalise]
-        batches = [data.micro_batch(step, i * world + dist_env.rank) for i in range(args.grad_accum)]
-        n_targets = dist_env.all_reduce_sum(torch.tensor(float(sum(int(b["num_targets"]) for b in batches)), device=dev))
-        lr = lr_at(step, args.lr, warmup, args.max_steps, args.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_total = torch.zeros((), device=dev)
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            last = i == len(batches) - 1
-            # All-reduce gradients on the last micro-batch only; the flag must be set before the forward.
-            if isinstance(sharded, DDP):
-                sharded.require_backward_grad_sync = last
-            elif args.fsdp:
-                sharded.set_requires_gradient_sync(last)
-            with autocast():
-                loss_sum = loss_fn(model, batch)
-            # DDP and FSDP average gradients over ranks (all-reduce, then / world); the world factor turns
-            # that mean back into the sum over ranks.  [eq:allreduce]
-            loss = loss_sum / n_targets.clamp(min=1) * world
-            scaler.scale(loss).backward()      # fp16: backward of S * loss, so small gradients survive  [eq:loss-scaling]
-            loss_total += loss_sum.detach().float()
-            tokens_since += int(batch.get("num_tokens", 0))
-        scaler.unscale_(opt)
-        # g <- g * min(1, clip / ||g||), the norm taken over all parameters together  [eq:clip]
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
-        scale_before = scaler.get_scale()
-        scaler.step(opt)                        # fp16: skipped when any gradient is inf/nan
-        scaler.update()
-        if use_fp16 and scaler.get_scale() < scale_before:
-            skipped += 1
-        opt.zero_grad(set_to_none=True)
-        step += 1
+    par.model.train()
+    while step < cfg.max_steps:
+        batches = [data.micro_batch(step, i * dist_env.world_size + dist_env.rank) for i in range(cfg.grad_accum)]
+        lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule)
+        loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
+                                                              autocast, dist_env)
+        step, skipped = step + 1, skipped + overflow
+        log.step(step, batches, loss_sum, n_targets, lr, grad_norm, skipped)
+        mid_run = step < cfg.max_steps
+        if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and mid_run and evaluate():
+            stopped_early = True
+            break
+        if cfg.save_every and step % cfg.save_every == 0 and mid_run:
+            ckpt.save(step, skipped, early)
+        if stop.requested_anywhere(step == cfg.stop_at_step, dist_env) and mid_run:
+            preempted = True
+            break
 
-        local_targets = sum(int(b["num_targets"]) for b in batches)
-        if step % args.log_every == 0 or step == args.max_steps:    # every rank joins the all-reduce
-            loss_avg = dist_env.all_reduce_sum(loss_total.clone()).item() / max(n_targets.item(), 1)
-            if log:
-                dt = time.time() - t0
-                log.write({"step": step, "loss": loss_avg, "lr": lr, "tokens_per_s": tokens_since * world / max(dt, 1e-9),
-                           "grad_norm": float(grad_norm), "skipped_steps": skipped, **(log_fields or {})})
-            t0, tokens_since = time.time(), 0
-        if log:
-            log.bar(step, loss_total.item() / max(local_targets, 1))
-        if eval_fn and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            if evaluate():
-                stopped_early = True
-                break
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save()
-        stop_now = torch.tensor(float(stop.requested or step == args.stop_at_step), device=dev)
-        if dist_env.all_reduce_sum(stop_now).item() > 0 and step < args.max_steps:
-            save()
-            stop.restore()
-            if log:
-                log.close()
-                print(f"stopped at step {step}; checkpoint in {ckpt_path} (continue with --resume)")
-            return {"step": step, "stopped_early": False, "preempted": True, "last_eval": last_eval, "best": best}
-
-    if eval_fn and not stopped_early:
-        evaluate()
-    if monitor and os.path.exists(best_path):         # early stopping: put the best weights back
-        raw.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-    save(final=True)
+    if not preempted:
+        if eval_fn and not stopped_early:
+            evaluate()
+        ckpt.restore_best(early)
+    ckpt.save(step, skipped, early)
     stop.restore()
-    if log:
-        log.close()
-    return {"step": step, "stopped_early": stopped_early, "preempted": False, "last_eval": last_eval, "best": best}
-
-
-def _opt_state(opt, model, fsdp):
-    if not fsdp:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_fsdp(model, opt, model_state_dict, opt_state_dict):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state_dict, options=options)
-    set_optimizer_state_dict(model, opt, opt_state_dict, options=options)
-
-
-def _full_copy(raw, state):
-    """A plain (unsharded) copy of an FSDP model for export; FSDP modules cannot be deep-copied."""
-    from torch.distributed.fsdp import FSDPModule
-    cls = next(c for c in type(raw).__mro__ if not issubclass(c, FSDPModule))
-    clone = cls(raw.config)
-    clone.load_state_dict(state)
-    return clone
+    log.close()
+    if preempted and dist_env.is_main:
+        print(f"stopped at step {step}; checkpoint in {ckpt.path} (continue with --resume)")
+    return {"step": step, "stopped_early": stopped_early, "preempted": preempted, "last_eval": last_eval,
+            "best": early.best}
 
 
 def _truncate_log(path, step):
@@ -411,33 +498,53 @@ def _truncate_log(path, step):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
-class _Logger:
-    """metrics.jsonl (one JSON line per log step), an optional TensorBoard writer and a tqdm bar."""
+class Logger:
+    """metrics.jsonl (one JSON line per log step), an optional TensorBoard writer and a tqdm bar, on rank 0;
+    on the other ranks it only joins the all-reduce of the logged loss."""
 
-    def __init__(self, out, args, dist_env, model, start):
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a")
-        self.tb = None
-        if args.tensorboard:
+    def __init__(self, cfg, dist_env, model, start, fields=None):
+        self.cfg, self.dist_env, self.fields, self.main = cfg, dist_env, fields or {}, dist_env.is_main
+        self.file = self.tb = self.pbar = None
+        self.flops_per_token, self.peak = None, None
+        self.t0, self.tokens = time.time(), 0
+        if not self.main:
+            return
+        self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+        if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 fail("--tensorboard needs the tensorboard package (pip install tensorboard)")
-            self.tb = SummaryWriter(out)
-        self.pbar = None
-        if not args.no_progress:
+            self.tb = SummaryWriter(cfg.out)
+        if not cfg.no_progress:
             from tqdm import tqdm
-            self.pbar = tqdm(total=args.max_steps, initial=start, dynamic_ncols=True, desc="train")
-        self.flops_per_token, self.peak = None, None
+            self.pbar = tqdm(total=cfg.max_steps, initial=start, dynamic_ncols=True, desc="train")
         if dist_env.device.type == "cuda":
-            self.flops_per_token = flops_per_token(model, getattr(args, "seq_len", None))
+            self.flops_per_token = flops_per_token(model, cfg.seq_len)
             self.peak = peak_flops(dist_env.device) * dist_env.world_size
 
+    def step(self, step, batches, loss_sum, n_targets, lr, grad_norm, skipped):
+        """After each optimizer step: every --log-every steps (and the last) the mean loss over all ranks,
+        the throughput and the gradient norm to metrics.jsonl; the bar every step."""
+        self.tokens += sum(int(b.get("num_tokens", 0)) for b in batches)
+        if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:    # every rank joins the all-reduce
+            loss_avg = self.dist_env.all_reduce_sum(loss_sum.clone()).item() / max(n_targets.item(), 1)
+            if self.main:
+                dt = time.time() - self.t0
+                self.write({"step": step, "loss": loss_avg, "lr": lr,
+                            "tokens_per_s": self.tokens * self.dist_env.world_size / max(dt, 1e-9),
+                            "grad_norm": float(grad_norm), "skipped_steps": skipped, **self.fields})
+            self.t0, self.tokens = time.time(), 0
+        if self.main:
+            self.bar(step, loss_sum.item() / max(sum(int(b["num_targets"]) for b in batches), 1))
+
     def write(self, record, echo=False):
+        if not self.main:
+            return
         if self.flops_per_token and "tokens_per_s" in record and self.peak:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak
         self.file.write(json.dumps(record) + "\n")
@@ -459,7 +566,8 @@ class _Logger:
             self.pbar.set_description(f"step {step} loss {loss:.4f}")
 
     def close(self):
-        self.file.close()
+        if self.file:
+            self.file.close()
         if self.tb:
             self.tb.close()
         if self.pbar is not None:

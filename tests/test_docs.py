@@ -6,7 +6,10 @@ one place in the code that computes it carries the same label in a comment or do
 - every label is well formed: a name of lower-case letters, digits and '-';
 - every label in docs/ stands exactly once in docs/ and exactly once in the code;
 - every label in the code is explained in docs/;
-- every relative markdown link in docs/ points at a file or folder that exists.
+- every relative markdown link in docs/ points at a file or folder that exists;
+- every code name in backticks in docs/ and README.md exists: `module.name`, `Class.member` and
+  `module.Class.member` of the project's modules, private `_helpers` and `test_...` functions, and
+  CamelCase names (which must at least occur in the code: a library's class the code uses counts).
 
 "The code" is every .py file in the repository root and in data/ (tests/ only cites labels). In docs/,
 fenced code blocks and inline code spans are skipped, so a page can show the convention itself. In the code,
@@ -147,6 +150,97 @@ def test_relative_links_in_docs_exist():
             if not (path.parent / file).exists():
                 broken.append(f"  {rel(path)}:{prose.count(chr(10), 0, start) + 1}  ({target})")
     assert not broken, "relative links in docs/ to files that do not exist:\n" + "\n".join(broken)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# code names in docs
+
+
+CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(\(\))?")
+CAMEL = re.compile(r"[A-Z][a-z0-9]+[A-Z]\w*")                   # two humps at least: FooBar, Int8Linear
+FILE_SUFFIXES = {"py", "md", "json", "jsonl", "pt", "bin", "txt", "model", "safetensors", "onnx", "tmp", "PID"}
+
+
+def code_index() -> tuple[dict[str, set[str]], dict[str, set[str]], set[str]]:
+    """(module -> its top-level names, class -> its members, every name defined anywhere), from the root
+    modules and data/ (as "data.tasks") with ast; members are methods, class-level fields and self.x."""
+    modules, classes, defined = {}, defaultdict(set), set()
+    for path in code_files():
+        name = rel(path)[:-3].replace("/", ".")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                top.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                top |= {t.id for t in targets if isinstance(t, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                top |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        modules[name] = top
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                defined.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        classes[node.name].add(sub.name)
+                    elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                        classes[node.name].add(sub.target.id)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                        classes[node.name].add(sub.attr)
+    return modules, classes, defined
+
+
+def missing_code_name(span: str, modules, classes, defined, tests: set[str], code_text: str) -> bool:
+    """True when `span` names project code that does not exist; other spans (flags, math, files, a
+    library's functions) are not code names of ours and pass."""
+    name = span[:-2] if span.endswith("()") else span
+    if DOTTED.fullmatch(span):
+        parts = name.split(".")
+        if parts[-1] in FILE_SUFFIXES:
+            return False
+        for cut in range(len(parts) - 1, 0, -1):                        # the longest module prefix
+            module = ".".join(parts[:cut])
+            if module in modules:
+                rest = parts[cut:]
+                if rest[0] not in modules[module]:
+                    return True
+                return len(rest) > 1 and (rest[0] not in classes or rest[1] not in classes[rest[0]])
+        return parts[0] in classes and parts[1] not in classes[parts[0]]
+    if re.fullmatch(r"test_\w+", name):
+        return name not in tests
+    if re.fullmatch(r"_[a-z]\w*", name):
+        return name not in defined
+    if CAMEL.fullmatch(name):
+        return name not in defined and not re.search(rf"\b{name}\b", code_text)
+    return False
+
+
+def test_code_names_in_docs_exist():
+    modules, classes, defined = code_index()
+    tests = {n.name for p in (ROOT / "tests").glob("test_*.py") for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.FunctionDef)}
+    code_text = "\n".join(p.read_text(encoding="utf-8") for p in code_files())
+    bad = []
+    for path in docs_files() + [ROOT / "README.md"]:
+        text = path.read_text(encoding="utf-8")
+        for m in CODE_SPAN.finditer(text):
+            if missing_code_name(m.group(1).strip(), modules, classes, defined, tests, code_text):
+                bad.append(f"  {rel(path)}:{text.count(chr(10), 0, m.start()) + 1}  `{m.group(1)}`")
+    assert not bad, "code names in docs that the code does not define:\n" + "\n".join(bad)
+
+
+def test_missing_code_name_rules():
+    modules, classes, defined = {"model": {"Block", "unwrap"}, "data.tasks": {"read_examples"}}, \
+        {"Block": {"forward"}}, {"Block", "unwrap", "_helper"}
+    check = lambda span: missing_code_name(span, modules, classes, defined, {"test_a"}, "SummaryWriter")
+    assert [check(s) for s in ("model.unwrap", "model.Block.forward", "Block.forward", "data.tasks.read_examples",
+                               "test_a", "_helper", "SummaryWriter", "model.py", "torch.compile", "--lr", "x = 1")] \
+        == [False] * 11
+    assert [check(s) for s in ("model.gone", "model.Block.attend", "Block.attend()", "data.tasks.nope", "test_b",
+                               "_gone", "SentenceEncoder")] == [True] * 7
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import export
-from export import (Int8Embedding, Int8Linear, choose_heads, dequantize_rows, magnitude_prune, quantize_rows,
-                    remove_heads, sparsity)
-from finetune import load_finetuned, predict_proba, save_finetuned
+import int8
+from export import choose_heads, magnitude_prune, remove_heads, sparsity
+from int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
+from finetuned import load_finetuned, predict_proba, save_finetuned
 from model import EncoderConfig, SequenceClassifier
 from predict import load_model
 from test_predict import toy_model
@@ -53,7 +54,7 @@ def test_int8_rounding_error_is_at_most_half_a_step_and_zero_stays_exact():
 @pytest.mark.parametrize("kernel", ["fbgemm", "float"])
 def test_int8_linear_computes_x_times_the_dequantized_weight(kernel, monkeypatch):
     if kernel == "float":
-        monkeypatch.setattr(export, "_fbgemm_pack", lambda *a: None)
+        monkeypatch.setattr(int8, "_fbgemm_pack", lambda *a: None)
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 40)
     q, s, z = quantize_rows(lin.weight)
@@ -145,8 +146,7 @@ def test_removing_a_head_equals_gating_its_output_to_zero():
     remove_heads(model, {0: [1]})
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), expected)
-    if export.SHRINK_HEADS:
-        assert model.encoder.blocks[0].attn.qkv.weight.shape == (3 * 24, 32) and model.config.layer_heads == [3, 4]
+    assert model.encoder.blocks[0].attn.qkv.weight.shape == (3 * 24, 32) and model.config.layer_heads == [3, 4]
 
 
 def test_choose_heads_takes_the_least_important_and_keeps_one_per_layer():
@@ -166,11 +166,7 @@ def test_head_pruned_folder_records_the_heads_and_predicts(toy, tmp_path, capsys
     model, _, _ = load_model(str(out))
     for layer, heads in removed.items():
         attn = model.encoder.blocks[int(layer)].attn
-        if export.SHRINK_HEADS:
-            assert attn.num_heads == 4 - len(heads)
-        else:
-            for h in heads:                                            # the head's rows of W_Q, W_K, W_V are 0
-                assert (attn.qkv.weight.view(3, 4, 8, 32)[:, h] == 0).all()
+        assert attn.num_heads == 4 - len(heads)
     assert probs_of(str(out), toy["texts"]).shape == (len(toy["texts"]), 2)
 
 

@@ -271,3 +271,55 @@ def test_loading_into_the_wrong_model_names_the_file(tmp_path):
         peft.load_peft(tiny(), str(tmp_path))
     with pytest.raises(peft.PeftError, match="unknown PEFT options"):
         peft.save_peft(model, str(tmp_path), "lora", {"rank": 4})
+
+
+# -----------------------------------------------------------------------------------------------------
+# a new method is one function and one row of peft.METHODS
+
+
+class GainedLinear(peft.PeftModule):
+    """A toy method: a frozen Linear whose output is scaled per channel by a learned gain (IA3-like)."""
+
+    def __init__(self, base: nn.Linear, init: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.gain = nn.Parameter(torch.full((base.out_features,), init))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias) * self.gain
+
+    def plain(self):
+        return peft.linear_like(self.weight, self.bias)
+
+
+def gain(encoder, gain_init):
+    if gain_init <= 0:
+        raise peft.PeftError(f"gain_init must be > 0, got {gain_init}")
+    for block in encoder.blocks:
+        block.ffn.fc2 = GainedLinear(block.ffn.fc2, gain_init)
+    return []
+
+
+def test_a_toy_method_added_to_the_table_alone_trains_saves_loads_and_gets_its_flags(monkeypatch, tmp_path):
+    import finetune
+    monkeypatch.setitem(peft.METHODS, "gain", peft.Method(gain, 1e-2, {"gain_init": (1.0, float, "gain: start")}))
+    pretrained, out, b = tmp_path / "pretrained", tmp_path / "finetuned", batch()
+    save_hf_bert(tiny(), str(pretrained))
+    model = from_hf_bert(str(pretrained), head="classifier", num_labels=LABELS).eval()
+    expected_before = run(model, b)
+    peft.apply_peft(model, "gain", gain_init=1.0, lora_r=4)          # other methods' options are ignored
+    assert torch.equal(run(model, b), expected_before)                 # a gain of 1 starts at the pre-trained model
+    assert trainable(model) == {f"encoder.blocks.{i}.ffn.fc2.gain" for i in range(L)} | HEAD
+    assert peft.trainable_summary(model)["encoder_trainable"] == L * C
+    perturb_trainable(model)
+    expected = run(model, b)
+    with peft.without_peft(model):
+        save_hf_bert(model, str(out))
+    peft.save_peft(model, str(out), "gain", {"gain_init": 1.0})
+    restored = from_hf_bert(str(out), head="classifier", num_labels=LABELS).eval()
+    peft.load_peft(restored, str(out))
+    assert torch.equal(run(restored, b), expected)
+    with pytest.raises(peft.PeftError, match="gain_init must be > 0"):
+        peft.apply_peft(tiny(), "gain", gain_init=0.0)
+    args = finetune.build_parser().parse_args(["--method", "gain", "--gain-init", "0.5"])
+    assert (args.method, args.gain_init) == ("gain", 0.5)

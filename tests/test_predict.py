@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import predict
-from finetune import load_finetuned, predict_proba
+from finetuned import load_finetuned, predict_proba
 
 _CACHE = {}
 

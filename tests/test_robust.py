@@ -1,8 +1,7 @@
-"""R-Drop, contrastive and adversarial losses (losses.py, end) as a specification: each equals a direct
+"""R-Drop, contrastive (losses.py, end) and adversarial losses (adversarial.py) as a specification: each equals a direct
 computation and passes float64 gradcheck; gathering across ranks gives the single-process loss and exact
 gradients; adversarial perturbations stay in the eps-ball, are zero on padding, raise the loss, and the
 returned loss trains the model through the shared training loop."""
-import argparse
 import os
 
 import pytest
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adversarial
 import losses
 import peft
 import trainer
@@ -171,10 +171,10 @@ def perturbations_seen(model, batch, call):
     return seen
 
 
-@pytest.mark.parametrize("method", losses.ADVERSARIAL_METHODS)
+@pytest.mark.parametrize("method", adversarial.ADVERSARIAL_METHODS)
 def test_perturbations_stay_in_the_eps_ball_and_are_zero_on_padding(method):
     model, b, eps = tiny_classifier(), tiny_batch(), 0.3
-    seen = perturbations_seen(model, b, lambda: losses.adversarial_loss(
+    seen = perturbations_seen(model, b, lambda: adversarial.adversarial_loss(
         Wrapped(model), b, ce_of(b), method=method, eps=eps, alpha=0.5, steps=4))   # alpha > eps: projection works
     seen = [d for d in seen if d.abs().sum() > 0]       # the clean pass has delta = 0
     assert len(seen) == {"fgm": 1, "pgd": 4 + 1, "freelb": 4}[method]
@@ -189,18 +189,18 @@ def test_perturbations_stay_in_the_eps_ball_and_are_zero_on_padding(method):
 def test_fgm_increases_the_loss():
     model, b = tiny_classifier(), tiny_batch()
     clean = ce_of(b)(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-    total = losses.adversarial_loss(model, b, ce_of(b), method="fgm", eps=0.5)
+    total = adversarial.adversarial_loss(model, b, ce_of(b), method="fgm", eps=0.5)
     assert total - clean > clean
 
 
 @pytest.mark.parametrize("tuning", ["full", "lora"])
-@pytest.mark.parametrize("method", losses.ADVERSARIAL_METHODS)
+@pytest.mark.parametrize("method", adversarial.ADVERSARIAL_METHODS)
 def test_adversarial_loss_backpropagates_into_the_trainable_parameters(method, tuning):
     """With LoRA the embeddings are frozen: the perturbation is still found, and only A, B and the head learn."""
     model, b = tiny_classifier(), tiny_batch()
     peft.apply_peft(model, tuning, lora_r=2)
     model.double()
-    loss = losses.adversarial_loss(Wrapped(model), b, ce_of(b), method=method, eps=0.1)
+    loss = adversarial.adversarial_loss(Wrapped(model), b, ce_of(b), method=method, eps=0.1)
     assert all(p.grad is None for p in model.parameters())   # no backward inside
     loss.backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
@@ -212,7 +212,7 @@ def test_pgd_attack_under_no_grad_returns_bounded_embeddings_and_leaves_grads_al
     model, b, eps = tiny_classifier(), tiny_batch(), 0.2
     clean = model.encoder.embed(b["input_ids"], b["token_type_ids"])
     with torch.no_grad():
-        attacked = losses.pgd_attack(model, b, ce_of(b), eps=eps, steps=5)
+        attacked = adversarial.pgd_attack(model, b, ce_of(b), eps=eps, steps=5)
         worse = ce_of(b)(model(b["input_ids"], b["attention_mask"], b["token_type_ids"], embeddings=attacked))
         base = ce_of(b)(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
     delta = attacked - clean
@@ -224,9 +224,9 @@ def test_pgd_attack_under_no_grad_returns_bounded_embeddings_and_leaves_grads_al
 def test_bad_adversarial_options_are_errors():
     model, b = tiny_classifier(), tiny_batch()
     with pytest.raises(ValueError, match="adversarial method must be one of fgm, pgd, freelb"):
-        losses.adversarial_loss(model, b, ce_of(b), method="pgm")
+        adversarial.adversarial_loss(model, b, ce_of(b), method="pgm")
     with pytest.raises(ValueError, match="eps must be > 0"):
-        losses.pgd_attack(model, b, ce_of(b), eps=0.0)
+        adversarial.pgd_attack(model, b, ce_of(b), eps=0.0)
 
 
 class Task:
@@ -252,13 +252,12 @@ def test_lora_with_freelb_trains_in_the_shared_loop_and_leaves_the_base_alone(tm
     b0 = model.encoder.blocks[0].attn.qkv.lora_B.detach().clone()
 
     def loss_fn(m, batch):
-        return losses.adversarial_loss(m, batch, lambda z: losses.cross_entropy(z, batch["labels"], reduction="sum"),
+        return adversarial.adversarial_loss(m, batch, lambda z: losses.cross_entropy(z, batch["labels"], reduction="sum"),
                                        method="freelb", eps=0.05, steps=2)
 
-    args = trainer.add_training_args(argparse.ArgumentParser()).parse_args(
-        ["--out", str(tmp_path), "--max-steps", "3", "--lr", "1e-2", "--warmup", "0", "--eval-every", "0",
-         "--save-every", "0", "--device", "cpu", "--no-progress", "--log-every", "1"])
-    trainer.train(model, loss_fn, Task(), args, trainer.Dist("cpu"))
+    cfg = trainer.TrainConfig(out=str(tmp_path), max_steps=3, lr=1e-2, warmup=0, eval_every=0, save_every=0,
+                              device="cpu", no_progress=True, log_every=1)
+    trainer.train(model, loss_fn, Task(), cfg, trainer.Dist("cpu"))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert not torch.equal(model.encoder.blocks[0].attn.qkv.lora_B, b0)
     assert os.path.exists(tmp_path / "metrics.jsonl")

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from finetune import load_finetuned, predict_proba
+from finetuned import load_finetuned, predict_proba
 from serve import Histogram, Limits, Metrics, MicroBatcher, RequestError, authorized, parse_predict
 from test_predict import toy_model
 

@@ -1,0 +1,68 @@
+"""trainer.py's pieces as a specification, one at a time (the whole loop is pinned by test_pretrain.py)."""
+import math
+
+import pytest
+
+import trainer
+
+
+def test_lr_warms_up_linearly_from_zero_to_the_peak():
+    # step s < warmup gives max_lr (s + 1) / warmup: the first step is already above 0, the last one at the peak
+    assert [trainer.lr_at(s, 1.0, 4, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_linear_decay_reaches_zero_at_max_steps_and_stays_there():
+    lrs = [trainer.lr_at(s, 2.0, 10, 110) for s in (10, 60, 110, 200)]
+    assert lrs == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_cosine_decay_passes_half_the_peak_halfway():
+    assert trainer.lr_at(10, 1.0, 10, 110, "cosine") == 1.0
+    assert trainer.lr_at(60, 1.0, 10, 110, "cosine") == pytest.approx(0.5)
+    assert trainer.lr_at(35, 1.0, 10, 110, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert trainer.lr_at(110, 1.0, 10, 110, "cosine") == pytest.approx(0.0)
+
+
+def test_min_ratio_is_the_floor_of_the_decay():
+    assert trainer.lr_at(110, 1.0, 10, 110, "linear", min_ratio=0.1) == pytest.approx(0.1)
+    assert trainer.lr_at(60, 1.0, 10, 110, "linear", min_ratio=0.1) == pytest.approx(0.55)
+    assert trainer.lr_at(110, 1.0, 10, 110, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_constant_schedule_holds_the_peak_after_warm_up():
+    assert [trainer.lr_at(s, 3e-4, 2, 10, "constant") for s in (0, 1, 2, 9, 50)] == [1.5e-4, 3e-4, 3e-4, 3e-4, 3e-4]
+
+
+def test_no_warm_up_starts_at_the_peak():
+    assert trainer.lr_at(0, 1.0, 0, 10) == 1.0
+    assert trainer.lr_at(5, 1.0, 0, 10) == pytest.approx(0.5)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
+    early = trainer.EarlyStopping("loss", "min", patience=2)
+    seen = [(early.update({"loss": v}), early.should_stop) for v in (0.5, 0.4, 0.45, 0.4, 0.3, 0.35, 0.31)]
+    assert seen == [(True, False), (True, False), (False, False), (False, True), (True, False), (False, False),
+                    (False, True)]                          # equal to the best is no improvement
+    assert early.best == 0.3
+
+
+def test_early_stopping_without_a_metric_never_stops():
+    early = trainer.EarlyStopping()
+    assert not early.update({"accuracy": 1.0}) and not early.should_stop and early.best is None
+
+
+def test_the_model_names_its_shard_units():
+    import model as M
+    m = M.SequenceClassifier(M.EncoderConfig(vocab_size=20, hidden_size=8, num_layers=3, num_heads=2))
+    assert M.shard_units(m) == list(m.encoder.blocks)
+
+
+def test_the_shared_flags_are_generated_from_train_config():
+    import argparse
+    p = trainer.add_training_args(argparse.ArgumentParser(), lr=1e-3)
+    assert trainer.TrainConfig.from_args(p.parse_args([])) == trainer.TrainConfig(lr=1e-3)
+    args = p.parse_args(["--max-steps", "7", "--amp", "bf16", "--fsdp", "--resume", "--stop-at-step", "3"])
+    assert trainer.TrainConfig.from_args(args, out="o") == trainer.TrainConfig(
+        out="o", lr=1e-3, max_steps=7, amp="bf16", fsdp=True, resume="auto", stop_at_step=3)
+    flags = {a.dest for a in p._actions} - {"help"}
+    assert flags == {f.name for f in trainer.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
