@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from atomic import atomic_write
+
 ROOT = pathlib.Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------------------------------
@@ -75,11 +77,10 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
     for n in sizes:
         path = folder / f"train_{n}.tsv"
         if not path.is_file():
-            with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write("sentence\tlabel\n")
                 for i in order[:n]:
                     f.write(f"{clean(examples.texts[i])}\t{clean(examples.labels[i])}\n")
-            os.replace(path.with_suffix(".tmp"), path)
         paths[n] = path
     return paths
 
