@@ -59,6 +59,16 @@ SAMPLE_DIR = ROOT / "data" / "sample_binary"
 GLUE_DIR = ROOT / "data" / "glue"
 PREPARED = {"binary": "sst2", "regression": "stsb"}      # used when --train is not given and it exists
 SCRATCH_LR, SIMCSE_LR = 1e-3, 3e-5                      # a method's own peak lr: peft.METHODS
+# The default recipe (resolve_recipe). A full fine-tune of a pre-trained model: narrower models take larger
+# steps (MiniLM-L6 at 384 wide: 1e-4, the plain transformers loop of issue #16; BERT-base: 2e-5..5e-5,
+# Devlin et al.; large: 1e-5..2e-5). Random weights need 3e-4 (the tiny sample model 1e-3) to leave one class.
+PRETRAINED_LR = ((384, 1e-4), (768, 5e-5), (math.inf, 2e-5))     # (up to this hidden size, peak lr)
+SCRATCH_LR_BY_WIDTH = ((128, SCRATCH_LR), (math.inf, 3e-4))
+MIN_STEPS = {True: 300, False: 600}    # pre-trained?: optimizer steps even a small set gets (random: more)
+EPOCHS = (3, 20)                       # the default epoch count: at least 3, at most 20 (for MIN_STEPS)
+HELDOUT = (0.1, 100, 1000)             # with no dev set: this fraction of train picks the checkpoint, clamped
+FINETUNE_DROPOUT = 0.1                 # when the checkpoint was pre-trained without dropout (ours: 0)
+NEVER = 10 ** 9                        # "patience" of plain best-checkpoint selection: it never stops early
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
 
 
@@ -98,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, help="tokens per example (default 128; simcse 32)")
     g.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
     g.add_argument("--max-eval-examples", type=int, help="use only the first N dev/test examples")
-    g.add_argument("--epochs", type=float, help="converted to --max-steps when that is not given (default 3)")
+    g.add_argument("--epochs", type=float, help="converted to --max-steps when that is not given (default: "
+                   f"enough for {MIN_STEPS[True]} steps ({MIN_STEPS[False]} from random weights), {EPOCHS[0]} to {EPOCHS[1]})")
+    g.add_argument("--select", choices=["auto", "dev", "heldout", "last"], default="auto",
+                   help="which weights to keep: the best on dev, the best on a held-out part of train (then dev "
+                   "is judged fairly), or the last (auto: dev when there is one, else heldout)")
+    g.add_argument("--seeds", type=int, default=1, help="run N seeds (--seed, --seed+1, ...) into --out/seedK "
+                   "and report the median and the spread")
     g.add_argument("--metric", help="dev metric for early stopping and the best model "
                    "(default accuracy; mcc for CoLA; spearman for regression and simcse)")
     g.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop after PATIENCE evaluations "
@@ -174,6 +190,102 @@ def scratch_init(texts, num_outputs, dropout=None):
     cfg = EncoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2, num_heads=2, max_position=128,
                         **({} if dropout is None else {"dropout": dropout, "attention_dropout": dropout}))
     return SequenceClassifier(cfg, num_outputs), tokenizer
+
+
+# -----------------------------------------------------------------------------------------------------
+# the default recipe: from the data, the model and the method
+
+
+def is_pretrained(model) -> bool:
+    """Fresh weights have every LayerNorm gain exactly 1 (init_weights, as pretrain.py starts); training moves them."""
+    return any(not bool(torch.all(m.weight == 1)) for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tuple[dict, dict]:
+    """(recipe, why): what this run trains with and the reason for each choice. A flag given wins; the rest
+    follows from the training set's size, the model (its width; pre-trained or random weights) and the method."""
+    r, why = {}, {}
+
+    def choose(name, value, reason):
+        r[name], why[name] = value, reason
+
+    width, pretrained = model.config.hidden_size, is_pretrained(model)
+    choose("pretrained", pretrained, "LayerNorm gains moved from 1" if pretrained else "every LayerNorm gain is 1: random weights")
+    if a.lr:
+        choose("lr", a.lr, "--lr")
+    elif a.method != "full":
+        choose("lr", METHODS[a.method].lr, f"--method {a.method} (peft.METHODS)")
+    elif task == "simcse":
+        choose("lr", SIMCSE_LR, "simcse on a pre-trained encoder (Gao et al. 2021)")
+    else:
+        table = PRETRAINED_LR if pretrained else SCRATCH_LR_BY_WIDTH
+        lr = next(lr for up_to, lr in table if width <= up_to)
+        choose("lr", lr, f"full fine-tune, {'pre-trained' if pretrained else 'random weights'}, hidden size {width}")
+
+    # selection: a checkpoint picked on dev makes the dev score it reports optimistic; a held-out part of
+    # train costs training examples but leaves dev a fair judge
+    too_few = n_train < 2 * HELDOUT[1]
+    select = a.select if a.select != "auto" else "dev" if has_dev else "last" if task == "simcse" or too_few else "heldout"
+    if select == "dev" and not has_dev:
+        raise FinetuneError("--select dev: needs a dev set (--dev or --data)")
+    if select == "heldout" and task == "simcse":
+        raise FinetuneError("--select heldout: simcse's training sentences have no labels to judge on")
+    held = min(max(round(HELDOUT[0] * n_train), HELDOUT[1]), HELDOUT[2]) if select == "heldout" else 0
+    if held and n_train - held < held:
+        raise FinetuneError(f"--select heldout: {n_train} training examples are too few to hold out {held}")
+    choose("select", select, {"dev": "the best dev score (optimistic: the same dev picks and reports; --select heldout is fair)",
+                              "heldout": f"the best on {held} training examples held out (no dev set given)" if not has_dev
+                              else f"the best on {held} held-out training examples; dev judges fairly",
+                              "last": "the last weights" + (f" (no dev set, and {n_train} training examples are too "
+                                                            "few to hold some out)" if a.select == "auto" else "")}[select])
+    choose("heldout", held, f"{HELDOUT[0]:.0%} of train, {HELDOUT[1]} to {HELDOUT[2]}" if held else "none")
+
+    n_fit = n_train - held
+    steps_per_epoch = max(1, math.ceil(n_fit / (batch_size * slots)))
+    min_steps = MIN_STEPS[pretrained]
+    if a.max_steps:
+        choose("max_steps", a.max_steps, "--max-steps")
+    elif a.epochs is not None:
+        choose("max_steps", max(1, math.ceil(a.epochs * steps_per_epoch)), f"--epochs {a.epochs:g}")
+    else:
+        epochs = min(max(math.ceil(min_steps / steps_per_epoch), EPOCHS[0]), EPOCHS[1])
+        choose("max_steps", epochs * steps_per_epoch, f"{epochs} epochs of {steps_per_epoch} steps: at least "
+               f"{min_steps} steps ({'pre-trained' if pretrained else 'random weights'}) within {EPOCHS[0]}-{EPOCHS[1]} epochs")
+    choose("epochs", round(r["max_steps"] / steps_per_epoch, 2), f"{steps_per_epoch} steps an epoch")
+    choose("warmup", a.warmup, "linear warm-up then linear decay to 0 (--warmup, --schedule)")
+    choose("eval_every", a.eval_every if a.eval_every is not None else max(steps_per_epoch, math.ceil(r["max_steps"] / 20)),
+           "--eval-every" if a.eval_every is not None else "every epoch, at most 20 evaluations")
+    dropout = model.config.dropout
+    if a.dropout is not None:
+        choose("dropout", a.dropout, "--dropout")
+    elif dropout == 0 and task != "simcse":
+        choose("dropout", FINETUNE_DROPOUT, "the checkpoint was trained without dropout; fine-tuning regularises")
+    else:
+        choose("dropout", dropout, "the checkpoint's")
+    choose("head", "normal(0, 0.02), bias 0, the encoder's lr", "as transformers' BertForSequenceClassification")
+    return r, why
+
+
+def set_dropout(model, p: float):
+    """Every dropout of the model (modules, and attention's functional dropout_p) to p."""
+    model.config.dropout = model.config.attention_dropout = p
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        elif hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = p
+
+
+def print_recipe(recipe: dict, why: dict):
+    print("recipe:")
+    for name, value in recipe.items():
+        print(f"  {name:<11} {value!s:<12} {why[name]}")
+
+
+def heldout_split(n: int, held: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train rows, held-out rows): one fixed shuffle (the same for every --seed, so seeds differ in training only)."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return sorted(order[held:]), sorted(order[:held])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -364,22 +476,30 @@ def run(argv=None) -> dict:
     known = TASKS[task].metrics
     if metric not in known:
         raise FinetuneError(f"--metric: {metric!r} is not a dev metric of --task {task}; choose one of {', '.join(known)}")
-    if a.early_stopping and dev is None:
-        raise FinetuneError("--early-stopping: needs a dev set (--dev)")
-
-    # method, then the data pipeline and the schedule
-    options = {name: getattr(a, name) for name in known_options()}
-    apply_peft(model, a.method, **options)
-    summary = trainable_summary(model)
+    # the recipe, then the method, the data pipeline and the schedule
     dist_env = Dist(a.device)
     batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
+    recipe, why = resolve_recipe(a, task, n_train, model, dev is not None, batch_size, slots)
+    if recipe["dropout"] != model.config.dropout:
+        set_dropout(model, recipe["dropout"])
+    if a.early_stopping and recipe["select"] == "last":
+        raise FinetuneError("--early-stopping: needs a dev set (--dev) or --select heldout")
+    judge = dev                       # the split that picks the checkpoint (and early stopping)
+    if recipe["heldout"]:
+        keep, held = heldout_split(n_train, recipe["heldout"])
+        judge = {"ids": [train_ids[i] for i in held], "types": [train_types[i] for i in held],
+                 "gold": [train_labels[i] for i in held]}
+        train_ids, train_types = [train_ids[i] for i in keep], [train_types[i] for i in keep]
+        train_labels, n_train = [train_labels[i] for i in keep], len(keep)
+        print(f"no dev set given: {len(held):,} training examples held out to pick the checkpoint"
+              if dev is None else f"{len(held):,} training examples held out to pick the checkpoint; dev judges it")
+    options = {name: getattr(a, name) for name in known_options()}
+    apply_peft(model, a.method, **options)
+    summary = trainable_summary(model)
     steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
-    epochs = a.epochs if a.epochs is not None else (10 if scratch else 3)
-    cfg = TrainConfig.from_args(   # the loop's flags, with the defaults that depend on the task and the data
-        a, batch_size=batch_size, max_steps=a.max_steps or max(1, math.ceil(epochs * steps_per_epoch)),
-        lr=a.lr or (SCRATCH_LR if scratch else SIMCSE_LR if task == "simcse" and a.method == "full" else METHODS[a.method].lr),
-        eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
+    cfg = TrainConfig.from_args(   # the loop's flags, with the recipe's defaults
+        a, batch_size=batch_size, max_steps=recipe["max_steps"], lr=recipe["lr"], eval_every=recipe["eval_every"])
     augmenter = None
     if a.augment:
         table = nearest_neighbours(model.encoder.embed.tok.weight, tokenizer, {i for x in train_ids for i in x})
@@ -391,14 +511,18 @@ def run(argv=None) -> dict:
               f"({cfg.max_steps / steps_per_epoch:.1f} epochs), lr {cfg.lr:g}, method {a.method}: "
               f"{summary['trainable']:,} of {summary['total']:,} parameters train ({summary['percent']:.2f}%)")
 
-    eval_fn = (lambda m: evaluate(m, task, dev, tokenizer.pad_id)[0]) if dev else None
+    if dist_env.is_main:
+        print_recipe(recipe, why)
+    eval_fn = (lambda m: evaluate(m, task, judge, tokenizer.pad_id)[0]) if judge else None
     before = None
     if task == "simcse" and dev:
         model.eval()
         before = evaluate(model.to(dist_env.device), task, dev, tokenizer.pad_id)[0]
         model.train()
         print(f"before training: STS spearman {before['spearman']:.4f}")
-    monitor = (metric, "min" if metric in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
+    mode = "min" if metric in MIN_METRICS else "max"
+    monitor = ((metric, mode, a.early_stopping or NEVER) if recipe["select"] != "last"
+               else (metric, mode, a.early_stopping) if a.early_stopping else None)
     t_train = time.time()
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
                    log_fields={"epoch_steps": steps_per_epoch})
@@ -420,6 +544,10 @@ def run(argv=None) -> dict:
                                                                 a.eval_attack_steps, a.adv_alpha)
         if before:
             metrics["dev_before"] = before
+        if recipe["select"] == "dev" and result["last_eval"]:
+            metrics["dev_last"] = result["last_eval"]      # the last weights' dev score: not picked by dev
+        if recipe["heldout"] and result["last_eval"] is not None:
+            metrics["heldout_best"] = {metric: result["best"]}
         print(format_table(metrics, title=f"{task} / {a.method}"))
         seen = examples_seen(data, result["step"])
         record = {**metrics, "task": task, "method": a.method, "metric": metric, "best": result["best"],
@@ -427,7 +555,7 @@ def run(argv=None) -> dict:
                   "trainable_percent": summary["percent"], "encoder_trainable_percent": summary["encoder_percent"],
                   "steps": result["step"], "stopped_early": result["stopped_early"], "train_examples": n_train,
                   "examples_seen": seen, "seconds": time.time() - t0, "train_seconds": train_seconds,
-                  "examples_per_s": seen / max(train_seconds, 1e-9)}
+                  "examples_per_s": seen / max(train_seconds, 1e-9), "recipe": recipe, "recipe_why": why}
         save_finetuned(a.out, model, tokenizer, info)
         write_json(os.path.join(a.out, "metrics.json"), record)
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
@@ -494,10 +622,32 @@ def write_predictions(path, task, ex, pred, classes):
             f.write("\t".join(r.replace("\t", " ") for r in row) + "\n")
 
 
+def run_seeds(argv, a) -> dict:
+    """--seeds N: N runs with --seed, --seed+1, ... into --out/seed<K>; their dev scores, median and spread."""
+    if a.seeds < 1:
+        raise FinetuneError(f"--seeds: expected 1 or more, got {a.seeds}")
+    runs = {}
+    for seed in range(a.seed, a.seed + a.seeds):
+        record = run(argv + ["--seeds", "1", "--seed", str(seed), "--out", os.path.join(a.out, f"seed{seed}")])["metrics"]
+        runs[seed] = record and record.get("dev")
+    if not all(runs.values()):
+        raise FinetuneError("--seeds: needs a labelled dev set to compare the seeds on")
+    metric = record["metric"]
+    values = [r[metric] for r in runs.values()]
+    summary = {"metric": metric, "median": float(np.median(values)), "min": min(values), "max": max(values),
+               "runs": {str(s): r[metric] for s, r in runs.items()}}
+    print(f"{a.seeds} seeds, dev {metric}: median {summary['median']:.4f} [{summary['min']:.4f}, {summary['max']:.4f}]: "
+          + " ".join(f"{v:.4f}" for v in values))
+    write_json(os.path.join(a.out, "seeds.json"), summary)
+    return summary
+
+
 def main(argv=None) -> int:
     """The command line: 0, or 2 after printing `error: <flag/file>: <what was expected>` (no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run(argv)
+        a = build_parser().parse_args(argv)
+        run_seeds(argv, a) if a.seeds != 1 else run(argv)
     except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

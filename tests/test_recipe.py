@@ -1,0 +1,143 @@
+"""The default fine-tuning recipe (finetune.resolve_recipe) as a specification: which learning rate, how many
+steps, which checkpoint, for a given training-set size, model and method; and that a run prints it and
+saves it in metrics.json. The comparison with a plain transformers loop lives in bench_finetune.py."""
+import json
+
+import pytest
+import torch
+
+import finetune
+from data.tasks import write_sample_binary
+from model import EncoderConfig, LanguageModel, save_hf_bert
+from test_finetune import FAST, tiny_init  # noqa: F401  (a fixture)
+
+
+class ModelLike(torch.nn.Module):
+    """What the recipe reads of a model: its config (width, dropout) and whether its LayerNorms were trained."""
+
+    def __init__(self, width=384, pretrained=True, dropout=0.1):
+        super().__init__()
+        self.config = EncoderConfig(hidden_size=width, num_heads=1, dropout=dropout, attention_dropout=dropout)
+        self.norm = torch.nn.LayerNorm(4)
+        if pretrained:
+            with torch.no_grad():
+                self.norm.weight.mul_(1.1)
+
+
+def recipe(*flags, n=2000, model=None, has_dev=True, task="binary", batch_size=32):
+    a = finetune.build_parser().parse_args(["--task", task, *flags])
+    return finetune.resolve_recipe(a, task, n, model or ModelLike(), has_dev, batch_size)
+
+
+def steps(n, **kw):
+    return recipe(n=n, **kw)[0]["max_steps"]
+
+
+def test_fresh_weights_are_recognised_as_not_pretrained():
+    torch.manual_seed(0)
+    model = LanguageModel(EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, max_position=16))
+    assert not finetune.is_pretrained(model)
+    with torch.no_grad():
+        model.encoder.embed.norm.weight[0] = 1.01
+    assert finetune.is_pretrained(model)
+
+
+@pytest.mark.parametrize("width, pretrained, lr", [
+    (384, True, 1e-4),    # MiniLM-L6: the plain transformers loop's 1e-4
+    (256, True, 1e-4),    # our mini
+    (768, True, 5e-5),    # BERT-base
+    (1024, True, 2e-5),   # BERT-large
+    (256, False, 3e-4),   # random weights must move far to leave one class
+    (64, False, 1e-3),    # the tiny sample model
+])
+def test_learning_rate_follows_the_models_width_and_pretraining(width, pretrained, lr):
+    r, why = recipe(model=ModelLike(width, pretrained))
+    assert r["lr"] == lr and r["pretrained"] == pretrained and f"hidden size {width}" in why["lr"]
+
+
+def test_peft_methods_and_simcse_keep_their_own_learning_rates():
+    assert recipe("--method", "lora")[0]["lr"] == finetune.METHODS["lora"].lr
+    assert recipe("--method", "bitfit")[0]["lr"] == finetune.METHODS["bitfit"].lr
+    assert recipe(task="simcse", batch_size=64)[0]["lr"] == finetune.SIMCSE_LR
+
+
+@pytest.mark.parametrize("n, pretrained, expected_steps, expected_epochs", [
+    (1000, True, 320, 10),        # 32 steps an epoch: 10 epochs reach 300 steps
+    (2000, True, 315, 5),         # 63 an epoch: 5 epochs
+    (8000, True, 750, 3),         # 250 an epoch: 3 epochs already pass 300
+    (67349, True, 6315, 3),       # SST-2 in full: 3 epochs
+    (1000, False, 608, 19),       # random weights: at least 600 steps
+    (100, True, 80, 20),          # 4 steps an epoch: capped at 20 epochs
+])
+def test_small_sets_get_more_epochs_until_a_minimum_number_of_steps(n, pretrained, expected_steps, expected_epochs):
+    r, why = recipe(n=n, model=ModelLike(pretrained=pretrained))
+    assert (r["max_steps"], r["epochs"]) == (expected_steps, expected_epochs)
+    assert f"{expected_epochs} epochs" in why["max_steps"]
+
+
+def test_flags_given_win_over_the_recipe():
+    r, why = recipe("--lr", "3e-5", "--epochs", "2", "--dropout", "0.2")
+    assert (r["lr"], r["max_steps"], r["epochs"], r["dropout"]) == (3e-5, 126, 2, 0.2)
+    assert (why["lr"], why["max_steps"], why["dropout"]) == ("--lr", "--epochs 2", "--dropout")
+    assert recipe("--max-steps", "7", "--epochs", "2")[0]["max_steps"] == 7
+
+
+def test_a_checkpoint_pretrained_without_dropout_fine_tunes_with_some():
+    assert recipe(model=ModelLike(dropout=0.0))[0]["dropout"] == finetune.FINETUNE_DROPOUT
+    assert recipe(model=ModelLike(dropout=0.2))[0]["dropout"] == 0.2
+
+
+def test_checkpoint_selection_on_dev_says_it_is_optimistic_and_without_dev_holds_out_train():
+    r, why = recipe(n=2000, has_dev=True)
+    assert r["select"] == "dev" and r["heldout"] == 0 and "optimistic" in why["select"]
+    r, why = recipe(n=2000, has_dev=False)
+    assert r["select"] == "heldout" and r["heldout"] == 200 and "no dev set" in why["select"]
+    assert r["max_steps"] == 6 * 57             # the recipe counts the 1,800 that train: 57 steps an epoch
+    assert recipe(n=50000, has_dev=False)[0]["heldout"] == 1000        # clamped
+    assert recipe(n=1000, has_dev=False)[0]["heldout"] == 100
+    r, why = recipe(n=150, has_dev=False)                                # too few to hold any out
+    assert r["select"] == "last" and "too few" in why["select"]
+    assert recipe("--select", "heldout", n=2000)[0]["heldout"] == 200    # fair dev: ask for it
+    assert recipe("--select", "last")[0]["select"] == "last"
+    with pytest.raises(finetune.FinetuneError, match="--select dev: needs a dev set"):
+        recipe("--select", "dev", has_dev=False)
+
+
+def test_evaluation_every_epoch_but_at_most_twenty_times():
+    assert recipe(n=2000)[0]["eval_every"] == 63
+    assert recipe(n=100)[0]["eval_every"] == 4
+    assert recipe("--eval-every", "5")[0]["eval_every"] == 5
+
+
+def test_a_run_prints_its_recipe_and_saves_it_in_metrics_json(tiny_init, tmp_path, capsys):  # noqa: F811
+    train, dev = write_sample_binary(tmp_path / "data", n_train=240, n_dev=24)
+    out = tmp_path / "out"
+    res = finetune.run(["--init", str(tiny_init), "--train", str(train), "--out", str(out), *FAST, "--max-steps", "4"])
+    said = capsys.readouterr().out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["recipe"] == res["metrics"]["recipe"] and saved["recipe"]["select"] == "heldout"
+    assert saved["recipe"]["heldout"] == 100 and saved["train_examples"] == 140
+    assert "no dev set given: 100 training examples held out" in said
+    for name, value in saved["recipe"].items():         # every choice printed with its reason
+        assert f"  {name:<11} {value!s:<12} {saved['recipe_why'][name]}" in said
+    assert saved["heldout_best"]["accuracy"] == saved["best"]
+
+
+def test_selection_on_dev_keeps_the_last_weights_score_beside_it(tiny_init, tmp_path):  # noqa: F811
+    train, dev = write_sample_binary(tmp_path / "data", n_train=64, n_dev=24)
+    res = finetune.run(["--init", str(tiny_init), "--train", str(train), "--dev", str(dev), "--out",
+                        str(tmp_path / "out"), *FAST, "--max-steps", "6", "--eval-every", "2"])
+    m = res["metrics"]
+    assert m["recipe"]["select"] == "dev" and m["dev"]["accuracy"] == m["best"] >= m["dev_last"]["accuracy"]
+
+
+def test_seeds_runs_each_seed_and_reports_median_and_spread(tiny_init, tmp_path, capsys):  # noqa: F811
+    train, dev = write_sample_binary(tmp_path / "data", n_train=64, n_dev=24)
+    out = tmp_path / "out"
+    assert finetune.main(["--init", str(tiny_init), "--train", str(train), "--dev", str(dev), "--out", str(out),
+                          *FAST, "--max-steps", "3", "--seeds", "3", "--seed", "5"]) == 0
+    summary = json.loads((out / "seeds.json").read_text())
+    runs = [json.loads((out / f"seed{s}" / "metrics.json").read_text())["dev"]["accuracy"] for s in (5, 6, 7)]
+    assert summary["runs"] == {"5": runs[0], "6": runs[1], "7": runs[2]}
+    assert summary["median"] == sorted(runs)[1] and (summary["min"], summary["max"]) == (min(runs), max(runs))
+    assert "3 seeds, dev accuracy: median" in capsys.readouterr().out
