@@ -46,7 +46,7 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
-           "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+           "--pooling", a.pooling, "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json")
 
 
@@ -216,6 +216,7 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=1500, help="cap per run (the CPU budget)")
     g.add_argument("--warmup", type=float, default=0.1)
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
+    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
     g = p.add_argument_group("task-adaptive pre-training")
     g.add_argument("--tapt-steps", type=int, default=1000)
     g.add_argument("--tapt-lr", type=float, default=5e-4)
