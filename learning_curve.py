@@ -46,7 +46,7 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
-           "--pooling", a.pooling, "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+           "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json")
 
 
