@@ -413,6 +413,7 @@ def test_qa_task_trains_on_windows_saves_and_answers_with_spans(tiny_init, tmp_p
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"question": questions[0].question, "context": questions[0].context}) + "\n")
     import predict
+    capsys.readouterr()                                             # the training log so far
     predict.main([str(tmp_path / "qa"), "--input", str(src), "--format", "jsonl", "--no-progress"])
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["answer"] == expected[0]["answer"] == questions[0].context[row["start"]:row["end"]]
