@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", type=float, nargs="?", const=0.1, default=0.0, metavar="RATE",
                    help="token edits on the fly (swap/delete/insert/neighbour replace), RATE of tokens (0.1)")
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
-    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="simcse: sentence vector")
+    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
+                   "better for a model pre-trained with MLM alone, and simcse's choice)")
     g = p.add_argument_group("token classification and question answering (--task token / qa)")
     g.add_argument("--doc-stride", type=int, default=128, help="qa: context tokens between the starts of "
                    "overlapping windows over a long context (default 128)")
@@ -142,7 +143,8 @@ def check_args(a):
     if a.task in SPAN_TASKS:
         used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),
                                       ("--adversarial", a.adversarial != "none"), ("--augment", a.augment),
-                                      ("--eval-attack-eps", a.eval_attack_eps), ("--ensemble", a.ensemble)) if on]
+                                      ("--eval-attack-eps", a.eval_attack_eps), ("--ensemble", a.ensemble),
+                                      ("--pooling mean", a.pooling != "cls")) if on]
         if used:
             raise FinetuneError(f"{used[0]}: works on one label per example, not with --task {a.task}")
         for flag, v in (("--doc-stride", a.doc_stride), ("--max-answer-length", a.max_answer_length),
@@ -432,7 +434,7 @@ def run(argv=None) -> dict:
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
-            "pooling": a.pooling if task == "simcse" else None, "metric": metric,
+            "pooling": a.pooling, "metric": metric,
             "init": "scratch" if scratch else str(init)}
     out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
     if dist_env.is_main:

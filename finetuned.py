@@ -116,10 +116,16 @@ SPAN_TASKS = ("token", "qa")       # one output per token, not per example: thei
 
 def build_model(path, task: str, num_outputs: int, pooling: str = "cls", **config_overrides):
     """The task's model from a BERT-layout folder: a SequenceClassifier, TokenClassifier or SpanExtractor,
-    or for simcse a SentenceEncoder."""
+    or for simcse a SentenceEncoder; `pooling` ("cls" or "mean") says which sentence vector a
+    SequenceClassifier or SentenceEncoder reads (the per-token heads pool nothing)."""
+    if pooling not in ("cls", "mean"):
+        raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     if TASKS[task].head is None:
         return SentenceEncoder(from_hf_bert(str(path), head=None, **config_overrides), pooling)
-    return from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, **config_overrides)
+    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, **config_overrides)
+    if TASKS[task].head == "classifier":
+        model.pooling = pooling             # [CLS] (BERT) or the mean of the real tokens: a head setting
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------
