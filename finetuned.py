@@ -209,7 +209,8 @@ def best_span(start_logits, end_logits, lo: int, hi: int, max_answer_length: int
 
 def answer_spans(model, tokenizer, questions, info, batch_size=32) -> list[dict]:
     """The best answer to each question (data.spans.Question, or anything with .question and .context):
-    {"answer", "start", "end" (characters in the context), "score" (s_i + e_j)}, the best over all windows."""
+    {"answer", "start", "end" (characters in the context), "score" (s_i + e_j; None for an empty context)},
+    the best over all windows."""
     from data.spans import qa_features
     feats = qa_features(tokenizer, questions, info["max_length"], info["doc_stride"], info["max_query_length"])
     was_training = model.training
@@ -227,7 +228,7 @@ def answer_spans(model, tokenizer, questions, info, batch_size=32) -> list[dict]
             best[n] = (score, ctx.spans[ctx.word_of[i + shift]][1], ctx.spans[ctx.word_of[j + shift]][2])
     out = []
     for q, b in zip(questions, best):
-        score, a, z = b if b is not None else (float("-inf"), 0, 0)
+        score, a, z = b if b is not None else (None, 0, 0)         # an empty context: no span, no score
         out.append({"answer": q.context[a:z], "start": a, "end": z, "score": score})
     return out
 

@@ -133,7 +133,8 @@ def format_row(row: dict, fmt: str) -> str:
     if "entities" in row:      # TYPE[start:end]=text; ...
         return "; ".join(f"{e['type']}[{e['start']}:{e['end']}]={e['text']}" for e in row["entities"])
     if "answer" in row:
-        return f"{' '.join(row['answer'].split())}\t{row['start']}\t{row['end']}\t{row['score']:.6f}"
+        score = "" if row["score"] is None else f"{row['score']:.6f}"
+        return f"{' '.join(row['answer'].split())}\t{row['start']}\t{row['end']}\t{score}"
     if "score" in row:
         return f"{row['score']:.6f}"
     return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()])

@@ -292,6 +292,8 @@ def test_answer_spans_take_the_best_span_over_windows_as_characters(tok):
     info["max_answer_length"] = 1                                   # a two-token answer is now too long
     [out] = answer_spans(MarkerModel(zulu, alpha), tok, [q], info)
     assert out["score"] == pytest.approx(5.0) and out["answer"] in ("zulu", "alpha")
+    [empty] = answer_spans(MarkerModel(zulu, alpha), tok, [Question("", "Who ?", "", [], [])], info)
+    assert empty == {"answer": "", "start": 0, "end": 0, "score": None}      # no context: no span, JSON-safe
 
 
 def test_squad_reader_reads_the_official_dev_file_by_article():
