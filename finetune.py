@@ -45,9 +45,12 @@ import adversarial
 import losses
 from data.tasks import (Augmenter, TaskDataError, TaskDataset, encode_labels, eval_order, label_classes,
                         nearest_neighbours, read_examples, read_sentences, write_sample_binary)
-from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infer, load_finetuned, predict_proba,
-                       save_finetuned, write_json)
-from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
+from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
+                        tag_classes, TokenDataset)
+from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
+                       infer_tokens, load_finetuned, predict_proba, save_finetuned, word_tags, write_json)
+from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
+                     squad_scores)
 from model import CheckpointError, EncoderConfig, SequenceClassifier
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
@@ -140,11 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
                    "better for a model pre-trained with MLM alone, and simcse's choice)")
+    g = p.add_argument_group("token classification and question answering (--task token / qa)")
+    g.add_argument("--doc-stride", type=int, default=128, help="qa: context tokens between the starts of "
+                   "overlapping windows over a long context (default 128)")
+    g.add_argument("--max-answer-length", type=int, default=30, help="qa: longest answer, in tokens (default 30)")
+    g.add_argument("--max-query-length", type=int, default=64, help="qa: question tokens kept (default 64)")
+    g.add_argument("--train-articles", metavar="START:END", help="qa: only these articles of the --train file "
+                   "(e.g. 0:24), so one SQuAD file can give train and dev by article")
+    g.add_argument("--dev-articles", metavar="START:END", help="qa: only these articles of the --dev file (e.g. 24:)")
     add_training_args(p, out="out/finetune", max_steps=None, lr=None, batch_size=None, beta2=0.999, eval_every=None)
     return p
 
 
 def check_args(a):
+    if a.task in SPAN_TASKS:
+        used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),
+                                      ("--adversarial", a.adversarial != "none"), ("--augment", a.augment),
+                                      ("--eval-attack-eps", a.eval_attack_eps), ("--ensemble", a.ensemble),
+                                      ("--pooling mean", a.pooling != "cls")) if on]
+        if used:
+            raise FinetuneError(f"{used[0]}: works on one label per example, not with --task {a.task}")
+        for flag, v in (("--doc-stride", a.doc_stride), ("--max-answer-length", a.max_answer_length),
+                        ("--max-query-length", a.max_query_length)):
+            if v < 1:
+                raise FinetuneError(f"{flag}: expected a positive number of tokens, got {v}")
+    elif a.train_articles or a.dev_articles:
+        raise FinetuneError(f"--train-articles/--dev-articles: only for --task qa, not --task {a.task}")
     classify = TASKS[a.task].score_name is None           # the labels are classes
     if a.rdrop and not classify:
         raise FinetuneError(f"--rdrop: needs a classification task, not --task {a.task}")
@@ -429,6 +453,8 @@ def run(argv=None) -> dict:
     check_args(a)
     if a.ensemble:
         return run_ensemble(a)
+    if a.task in SPAN_TASKS:
+        return run_spans(a)
     task, t0 = a.task, time.time()
     train_paths, dev_paths, test_paths, sample = resolve_data(a)
 
@@ -562,6 +588,154 @@ def run(argv=None) -> dict:
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
             if split:
                 write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
+        out["metrics"] = record
+    dist_env.close()
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------
+# token classification (NER) and extractive QA: one label per token, or a span of tokens
+
+
+SPAN_FILES = {"token": (("train.txt", "eng.train"), ("valid.txt", "dev.txt", "eng.testa"), ("test.txt", "eng.testb")),
+              "qa": (("train-v1.1.json",), ("dev-v1.1.json",), ())}
+
+
+def resolve_span_data(a):
+    """(train, dev, test) paths: --train/--dev/--test, or the files of --data DIR as CoNLL-2003 / SQuAD ship them."""
+    if not a.data:
+        if not a.train:
+            raise FinetuneError(f"--train: required for --task {a.task} (a CoNLL file for token, SQuAD JSON for qa)")
+        return a.train, a.dev, a.test
+    d = pathlib.Path(a.data)
+    found = []
+    for names in SPAN_FILES[a.task]:
+        hits = [d / (n + ext) for n in names for ext in ("", ".xz", ".gz", ".bz2") if (d / (n + ext)).is_file()]
+        found.append(hits[:1] or None)
+    if not found[0]:
+        raise FinetuneError(f"--data {d}: no {' or '.join(SPAN_FILES[a.task][0])} there (optionally .xz/.gz/.bz2)")
+    return found[0], found[1], a.test or found[2]
+
+
+def read_span_split(a, paths, articles=None, limit=None):
+    """CoNLL sentences (token) or SQuAD questions (qa) of the files `paths`, the first `limit` of them."""
+    out = []
+    for path in paths:
+        out += read_conll(path) if a.task == "token" else read_squad(path, articles)
+    return out[:limit] if limit else out
+
+
+def evaluate_tokens(model, split, classes, pad_id, batch_size=64) -> tuple[dict, list]:
+    """(conlleval's entity P/R/F1 in percent, predicted IOB2 tags per sentence) on encoded CoNLL sentences."""
+    outputs = infer_tokens(model, split["ids"], split["types"], pad_id, batch_size)
+    pred = [word_tags(y, first, classes) for y, first in zip(outputs, split["first"])]
+    return entity_scores(split["tags"], pred), pred
+
+
+def evaluate_answers(model, tokenizer, questions, info) -> tuple[dict, list]:
+    """(SQuAD EM and F1 in percent, the best span per question) over every window of each context."""
+    spans = answer_spans(model, tokenizer, questions, info)
+    return squad_scores([s["answer"] for s in spans], [q.answers or [""] for q in questions]), spans
+
+
+def run_spans(a) -> dict:
+    """--task token / qa: the same model loading, PEFT, training loop and folder as the other tasks; the data,
+    the evaluation and the predictions files are per token (CoNLL) or per span (SQuAD)."""
+    task, t0 = a.task, time.time()
+    train_paths, dev_paths, test_paths = resolve_span_data(a)
+    train_articles, dev_articles = (parse_articles(f, v) for f, v in (("--train-articles", a.train_articles),
+                                                                        ("--dev-articles", a.dev_articles)))
+    train_items = read_span_split(a, train_paths, train_articles, a.max_train_examples)
+    classes = tag_classes(train_items) if task == "token" else None
+    num_outputs = len(classes) if task == "token" else 2
+    model, tokenizer = load_init(pathlib.Path(a.init) if a.init else DEFAULT_INIT, task, num_outputs, dropout=a.dropout)
+    max_length = min(a.max_length or (256 if task == "token" else 384), model.config.max_position)
+    info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
+            "num_outputs": num_outputs, "columns": None, "layout": "conll" if task == "token" else "squad",
+            "max_length": max_length, "method": a.method, "pooling": None, "init": str(a.init or DEFAULT_INIT)}
+    if task == "qa":
+        info.update(doc_stride=a.doc_stride, max_answer_length=a.max_answer_length, max_query_length=a.max_query_length)
+
+    def encode_split(items):
+        if task == "token":
+            return encode_sentences(tokenizer, items, classes, max_length)
+        return qa_features(tokenizer, items, max_length, a.doc_stride, a.max_query_length, train=True)
+
+    train_enc = encode_split(train_items)
+    if not train_enc["ids"]:
+        raise FinetuneError(f"--train {train_paths[0]}: no answer of any question lies in its context")
+    dev_items = read_span_split(a, dev_paths, dev_articles, a.max_eval_examples) if dev_paths else None
+    test_items = read_span_split(a, test_paths, None, a.max_eval_examples) if test_paths else None
+    encoded = {"dev": dev_items and (encode_sentences(tokenizer, dev_items, classes, max_length) if task == "token" else dev_items),
+               "test": test_items and (encode_sentences(tokenizer, test_items, classes, max_length) if task == "token" else test_items)}
+
+    def evaluate_split(m, split):
+        if task == "token":
+            return evaluate_tokens(m, encoded[split], classes, tokenizer.pad_id)
+        return evaluate_answers(m, tokenizer, encoded[split], info)
+
+    metric = a.metric or TASKS[task].metrics[0]
+    if metric not in TASKS[task].metrics:
+        raise FinetuneError(f"--metric: {metric!r} is not a dev metric of --task {task}; choose one of "
+                            f"{', '.join(TASKS[task].metrics)}")
+    if a.early_stopping and not dev_items:
+        raise FinetuneError("--early-stopping: needs a dev set (--dev)")
+
+    options = {name: getattr(a, name) for name in known_options()}
+    apply_peft(model, a.method, **options)
+    summary = trainable_summary(model)
+    info["peft"] = options if a.method != "full" else None
+    dist_env = Dist(a.device)
+    n_train, batch_size, slots = len(train_enc["ids"]), a.batch_size or 32, dist_env.world_size * a.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
+    cfg = TrainConfig.from_args(
+        a, batch_size=batch_size, max_steps=a.max_steps or max(1, math.ceil((a.epochs or 3) * steps_per_epoch)),
+        lr=a.lr or METHODS[a.method].lr, eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
+    common = (cfg.batch_size, slots, cfg.seed, tokenizer.pad_id)
+    data = (TokenDataset(train_enc["ids"], train_enc["types"], train_enc["labels"], *common) if task == "token" else
+            TaskDataset(train_enc["ids"], train_enc["types"], span_labels(train_enc), *common, label_dtype=torch.long))
+    if dist_env.is_main:
+        unit = "sentences" if task == "token" else f"windows of {len(train_items):,} questions"
+        print(f"{task}: {n_train:,} training {unit}, {cfg.max_steps:,} steps of {cfg.batch_size * slots} "
+              f"({cfg.max_steps / steps_per_epoch:.2f} epochs), lr {cfg.lr:g}, method {a.method}: "
+              f"{summary['trainable']:,} of {summary['total']:,} parameters train ({summary['percent']:.2f}%)")
+    last = {}               # the last dev evaluation: the final one is the report's, unless early stopping restores
+
+    def eval_fn(m):
+        last["dev"] = evaluate_split(m, "dev")
+        return last["dev"][0]
+
+    monitor = (metric, "max", a.early_stopping) if a.early_stopping else None
+    t_train = time.time()
+    result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn if dev_items else None,
+                   monitor=monitor, log_fields={"epoch_steps": steps_per_epoch})
+    train_seconds = time.time() - t_train
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
+    if dist_env.is_main:
+        model.eval()
+        report = {k: last[k] if k in last and not a.early_stopping else evaluate_split(model, k)
+                  for k in ("dev", "test") if encoded[k]}
+        metrics = {k: v[0] for k, v in report.items()}
+        print(format_table(metrics, title=f"{task} / {a.method}"))
+        seen = examples_seen(data, result["step"])
+        record = {**metrics, "task": task, "method": a.method, "metric": metric, "best": result["best"],
+                  "trainable_params": summary["trainable"], "total_params": summary["total"],
+                  "trainable_percent": summary["percent"], "steps": result["step"],
+                  "stopped_early": result["stopped_early"], "train_examples": len(train_items),
+                  "train_features": n_train, "examples_seen": seen, "seconds": time.time() - t0,
+                  "train_seconds": train_seconds, "examples_per_s": seen / max(train_seconds, 1e-9)}
+        save_finetuned(a.out, model, tokenizer, info)
+        write_json(os.path.join(a.out, "metrics.json"), record)
+        for split, (_, pred) in report.items():
+            name = "predictions" + ("" if split == "dev" else "_test")
+            if task == "token":    # conlleval's input: word gold predicted, a blank line between sentences
+                with open(os.path.join(a.out, name + ".txt"), "w", encoding="utf-8") as f:
+                    for (words, gold), tags in zip(dev_items if split == "dev" else test_items, pred):
+                        f.write("".join(f"{w} {g} {p}\n" for w, g, p in zip(words, gold, tags)) + "\n")
+            else:                  # what the official evaluate-v1.1.py reads: {question id: answer}
+                write_json(os.path.join(a.out, name + ".json"), {q.id: s["answer"] for q, s in
+                                                                 zip(dev_items if split == "dev" else test_items, pred)})
         print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
         out["metrics"] = record
     dist_env.close()

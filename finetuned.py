@@ -5,6 +5,8 @@ serve.py read. Nothing here trains, so serving imports neither the training loop
                                                      aside) + tokenizer + labels.json (info) [+ peft.json/.safetensors]
     model, tokenizer, info = load_finetuned(out)     the same model, in eval mode on the CPU
     predict_proba(model, tokenizer, texts, pairs, info)   (N, K) probabilities, (N,) scores or (N, C) vectors
+    tagged_entities(model, tokenizer, texts, info)         NER: entities with character offsets, per text
+    answer_spans(model, tokenizer, questions, info)        QA: the best answer span in each context, its score
 
 `TASKS` is the one table of what a --task means: the head, how many outputs, the label dtype, the loss, the
 probabilities of the raw outputs and the dev metrics that can judge it. finetune.py reads it too.
@@ -66,11 +68,29 @@ def _mse(logits, labels, label_smoothing=0.0):
     return losses.mse(logits[:, 0], labels, reduction="sum")
 
 
+def _token_ce(logits, labels, label_smoothing=0.0):
+    """logits (B, T, K), labels (B, T) with IGNORE (-100) off the first sub-words: summed over labelled tokens."""
+    return losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), label_smoothing=label_smoothing,
+                                reduction="sum")
+
+
+def _span_ce(logits, labels, label_smoothing=0.0):
+    """logits (B, T, 2), labels (B, 2) the answer's first and last token: the mean of the two
+    cross-entropies over positions, summed over the batch.   [eq:span-loss]"""
+    start, end = logits.unbind(-1)                                             # (B, T) each
+    return 0.5 * (losses.cross_entropy(start, labels[:, 0], label_smoothing=label_smoothing, reduction="sum")
+                  + losses.cross_entropy(end, labels[:, 1], label_smoothing=label_smoothing, reduction="sum"))
+
+
+def _token_softmax(outputs):
+    return torch.softmax(outputs.double(), dim=-1).numpy()         # (..., T, K)
+
+
 @dataclass(frozen=True)
 class TaskKind:
     """What one --task is. loss(outputs, labels, label_smoothing) -> the loss summed over the batch (None:
     the task brings its own, simcse's InfoNCE); probabilities(outputs (N, K) on the CPU) -> numpy."""
-    head: str | None               # from_hf_bert's head: "classifier", or None (the encoder alone, pooled)
+    head: str | None               # from_hf_bert's head: "classifier", "token", "span", or None (the encoder alone, pooled)
     one_output: bool               # one output per example (a logit, a score, a vector), else one per class
     label_dtype: torch.dtype
     loss: Callable | None
@@ -86,18 +106,25 @@ TASKS = {
     "pair": TaskKind("classifier", False, torch.long, _ce, _softmax, CLASSIFICATION),
     "regression": TaskKind("classifier", True, torch.float32, _mse, _score, ("spearman", "pearson", "mse"), "score"),
     "simcse": TaskKind(None, True, torch.float32, None, _vectors, ("spearman", "pearson"), "cosine"),
+    # per token: probabilities of each tag at each token; judged by conlleval's entity F1
+    "token": TaskKind("token", False, torch.long, _token_ce, _token_softmax, ("f1", "precision", "recall")),
+    # per token: a start and an end logit; judged by SQuAD's token F1 and exact match
+    "qa": TaskKind("span", True, torch.long, _span_ce, _vectors, ("f1", "exact_match")),
 }
+SPAN_TASKS = ("token", "qa")       # one output per token, not per example: their own inference below
 
 
 def build_model(path, task: str, num_outputs: int, pooling: str = "cls", **config_overrides):
-    """The task's model from a BERT-layout folder: a SequenceClassifier, or for simcse a SentenceEncoder;
-    `pooling` ("cls" or "mean") says which sentence vector either one reads."""
+    """The task's model from a BERT-layout folder: a SequenceClassifier, TokenClassifier or SpanExtractor,
+    or for simcse a SentenceEncoder; `pooling` ("cls" or "mean") says which sentence vector a
+    SequenceClassifier or SentenceEncoder reads (the per-token heads pool nothing)."""
     if pooling not in ("cls", "mean"):
         raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     if TASKS[task].head is None:
         return SentenceEncoder(from_hf_bert(str(path), head=None, **config_overrides), pooling)
-    model = from_hf_bert(str(path), head="classifier", num_labels=num_outputs, **config_overrides)
-    model.pooling = pooling                 # [CLS] (BERT) or the mean of the real tokens: a head setting
+    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, **config_overrides)
+    if TASKS[task].head == "classifier":
+        model.pooling = pooling             # [CLS] (BERT) or the mean of the real tokens: a head setting
     return model
 
 
@@ -144,6 +171,87 @@ def predict_proba(model, tokenizer, texts, pairs=None, info=None, batch_size=32)
     outputs = infer(model, ids, types, tokenizer.pad_id, batch_size)
     model.train(was_training)
     return probabilities(info["task"], outputs)
+
+
+# -----------------------------------------------------------------------------------------------------
+# inference per token: entities and answer spans
+
+
+@torch.no_grad()
+def infer_tokens(model, ids, types, pad_id, batch_size=64) -> list[torch.Tensor]:
+    """The model's outputs at every real token of every example, in input order: [(T_i, K)]."""
+    device = next(model.parameters()).device
+    out = [None] * len(ids)
+    for which in eval_order([len(x) for x in ids], batch_size):
+        y = model(**batch_of(ids, types, which, pad_id, device)).float().cpu()     # (B, T, K)
+        for r, i in enumerate(which):
+            out[i] = y[r, :len(ids[i])]
+    return out
+
+
+def word_tags(logits, first, classes) -> list[str]:
+    """The tag of each word: the argmax at its first sub-word; "O" for a word the length limit cut off."""
+    best = logits.argmax(-1).tolist()
+    return ["O" if pos is None else classes[best[pos]] for pos in first]
+
+
+def best_span(start_logits, end_logits, lo: int, hi: int, max_answer_length: int) -> tuple[float, int, int]:
+    """(score, i, j) maximising s_i + e_j over lo <= i <= j < hi with j - i + 1 <= max_answer_length
+    (the context tokens of one window). start/end_logits: (T,)."""
+    s, e = start_logits[lo:hi].double(), end_logits[lo:hi].double()
+    n = len(s)
+    scores = s[:, None] + e[None, :]                                                 # (n, n)  [eq:span-score]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    scores = scores.masked_fill((j < i) | (j - i >= max_answer_length), float("-inf"))
+    k = int(scores.argmax())
+    return float(scores.view(-1)[k]), lo + k // n, lo + k % n
+
+
+def answer_spans(model, tokenizer, questions, info, batch_size=32) -> list[dict]:
+    """The best answer to each question (data.spans.Question, or anything with .question and .context):
+    {"answer", "start", "end" (characters in the context), "score" (s_i + e_j; None for an empty context)},
+    the best over all windows."""
+    from data.spans import qa_features
+    feats = qa_features(tokenizer, questions, info["max_length"], info["doc_stride"], info["max_query_length"])
+    was_training = model.training
+    model.eval()
+    outputs = infer_tokens(model, feats["ids"], feats["types"], tokenizer.pad_id, batch_size)
+    model.train(was_training)
+    best = [None] * len(questions)
+    for f, logits in enumerate(outputs):
+        n, lo = feats["question"][f], feats["offset"][f]
+        if len(logits) - 1 <= lo:                                   # an empty context
+            continue
+        score, i, j = best_span(logits[:, 0], logits[:, 1], lo, len(logits) - 1, info["max_answer_length"])
+        if best[n] is None or score > best[n][0]:
+            ctx, shift = feats["contexts"][n], feats["start"][f] - lo     # token position -> context token
+            best[n] = (score, ctx.spans[ctx.word_of[i + shift]][1], ctx.spans[ctx.word_of[j + shift]][2])
+    out = []
+    for q, b in zip(questions, best):
+        score, a, z = b if b is not None else (None, 0, 0)         # an empty context: no span, no score
+        out.append({"answer": q.context[a:z], "start": a, "end": z, "score": score})
+    return out
+
+
+def tagged_entities(model, tokenizer, texts, info, batch_size=32) -> list[list[dict]]:
+    """The entities of each raw text: [{"type", "text", "start", "end" (characters), "score"}], score the mean
+    over the entity's words of the probability of the tag predicted for each."""
+    from data.spans import encode_words, word_spans
+    from metrics import entities
+    spans = [word_spans(t) for t in texts]
+    enc = [encode_words(tokenizer, [w for w, _, _ in s], info["max_length"]) for s in spans]
+    was_training = model.training
+    model.eval()
+    outputs = infer_tokens(model, [e[0] for e in enc], [e[1] for e in enc], tokenizer.pad_id, batch_size)
+    model.train(was_training)
+    out = []
+    for text, s, (_, _, first), logits in zip(texts, spans, enc, outputs):
+        p = torch.softmax(logits.double(), -1)                                       # (T, K)
+        tags = word_tags(logits, first, info["labels"])
+        conf = [1.0 if pos is None else float(p[pos].max()) for pos in first]
+        out.append([{"type": kind, "text": text[s[a][1]:s[b][2]], "start": s[a][1], "end": s[b][2],
+                     "score": float(np.mean(conf[a:b + 1]))} for kind, a, b in entities(tags)])
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------

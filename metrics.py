@@ -1,4 +1,5 @@
-"""Evaluation metrics as plain numpy: classification, correlation, perplexity, and a printed table.
+"""Evaluation metrics as plain numpy: classification, correlation, perplexity, entity F1 (NER), SQuAD's exact
+match and F1 (QA), and a printed table.
 
 No torch and no scikit-learn: every metric is a few lines of arithmetic on arrays, so it can be read
 and checked by hand (tests/test_metrics.py does, and against scipy where it is installed).
@@ -13,8 +14,13 @@ correlation with a constant input = 0. ROC-AUC with a single class raises: it ha
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections import Counter
 
 import numpy as np
+
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def _ints(y):
@@ -145,6 +151,99 @@ def perplexity(total_nll: float, num_tokens: int) -> float:
     if num_tokens <= 0:
         raise ValueError("perplexity needs at least one token")
     return float(math.exp(total_nll / num_tokens))
+
+
+# -----------------------------------------------------------------------------------------------------
+# entities (NER): chunks as conlleval finds them
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """"B-PER" -> ("B", "PER"); "O" -> ("O", ""). A tag without a prefix ("PER") counts as inside ("I")."""
+    if tag == "O" or not tag:
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    return (prefix, kind) if kind and prefix in ("B", "I", "E", "S") else ("I", tag)
+
+
+def entities(tags) -> list[tuple[str, int, int]]:
+    """The chunks (type, first, last) of one tag sequence, by conlleval's rules, which read IOB1, IOB2 and
+    IOBES alike: a chunk starts at B or S, at I or E after O, E or S, and wherever the type changes; it
+    ends before B, O or S, after E or S, and where the type changes. So "I-PER I-PER" (IOB1) and
+    "B-PER I-PER" (IOB2) are one chunk, "I-PER B-PER" two, and "B-PER I-LOC" two."""
+    out, start, prev, prev_kind = [], None, "O", ""
+    for i, tag in enumerate(list(tags) + ["O"]):          # a final O closes a chunk at the sentence end
+        prefix, kind = _split_tag(tag)
+        ends = (prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "O", "S"))
+                or (prev != "O" and prev_kind != kind))                   # conlleval's endOfChunk
+        begins = (prefix in ("B", "S") or (prefix in ("I", "E") and prev in ("O", "E", "S"))
+                  or (prefix != "O" and prev_kind != kind))               # conlleval's startOfChunk
+        if start is not None and ends:
+            out.append((prev_kind, start, i - 1))
+            start = None
+        if begins:
+            start = i
+        prev, prev_kind = prefix, kind
+    return out
+
+
+def entity_scores(gold_sentences, pred_sentences) -> dict:
+    """Entity-level precision, recall and F1 over a corpus of tag sequences, as conlleval computes them:
+    an entity counts as found only when the predicted chunk has the gold chunk's type, first and last
+    token. In percent, as conlleval prints them, with per-type F1 ("f1_PER", ...). 0 when undefined."""
+    if len(gold_sentences) != len(pred_sentences):
+        raise ValueError(f"entity_scores: {len(gold_sentences)} gold sentences but {len(pred_sentences)} predicted")
+    gold, pred = set(), set()
+    for n, (g, p) in enumerate(zip(gold_sentences, pred_sentences)):
+        if len(g) != len(p):
+            raise ValueError(f"entity_scores: sentence {n} has {len(g)} gold tags but {len(p)} predicted")
+        gold |= {(n, *e) for e in entities(g)}
+        pred |= {(n, *e) for e in entities(p)}
+
+    def prf(g, p):    # [eq:entity-f1]
+        tp = len(g & p)
+        precision, recall = (tp / len(p) if p else 0.0), (tp / len(g) if g else 0.0)
+        return 100 * precision, 100 * recall, (200 * precision * recall / (precision + recall) if tp else 0.0)
+
+    precision, recall, f1 = prf(gold, pred)
+    out = {"f1": f1, "precision": precision, "recall": recall, "entities": len(gold)}
+    for kind in sorted({e[1] for e in gold | pred}):
+        out[f"f1_{kind}"] = prf({e for e in gold if e[1] == kind}, {e for e in pred if e[1] == kind})[2]
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------
+# extractive QA: SQuAD v1.1's exact match and token F1
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: lower case, drop punctuation (string.punctuation), drop the
+    articles a/an/the as words, collapse whitespace."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_exact_match(prediction: str, gold: str) -> float:
+    return float(squad_normalize(prediction) == squad_normalize(gold))     # [eq:squad-em]
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of precision and recall of the normalised words, counted as a bag (multiset)."""
+    p, g = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())                      # [eq:squad-f1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict:
+    """Corpus EM and F1 in percent: each question takes its best score over its gold answers."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"squad_scores: {len(predictions)} predictions but {len(golds)} questions")
+    em = [max(squad_exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)]
+    f1 = [max(squad_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
+    return {"exact_match": 100 * float(np.mean(em)) if em else 0.0, "f1": 100 * float(np.mean(f1)) if f1 else 0.0}
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ place in this file that computes it carries the same label in a comment.
 
     EncoderConfig -> Embeddings -> SelfAttention + FeedForward = Block -> Encoder
                   -> heads: LMHead (masked or causal LM), SequenceClassifier (pooler + linear),
-                            SentenceEncoder (one pooled vector, no head: SimCSE)
+                            SentenceEncoder (one pooled vector, no head: SimCSE),
+                            TokenClassifier (a linear per token: NER), SpanExtractor (start/end logits: QA)
 
 Layer names are our own; `HF_BERT_NAMES` near the bottom maps them to the Hugging Face BERT checkpoint
 layout in one table, so `from_hf_bert` / `save_hf_bert` are a short, explicit translation.
@@ -391,6 +392,39 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
 
 
+class TokenClassifier(nn.Module):
+    """Encoder + dropout + linear on every token: one vector of class scores per token (NER tags).
+    Hugging Face's BertForTokenClassification, same weight names ("classifier")."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int = 9, classifier_dropout: float | None = None):
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.encoder = Encoder(cfg)
+        self.drop = nn.Dropout(cfg.dropout if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        self.apply(init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)     # (B, T, C)
+        return self.classifier(self.drop(hidden))                                        # (B, T, num_labels)
+
+
+class SpanExtractor(nn.Module):
+    """Encoder + one linear to two scores per token: where the answer starts and where it ends
+    (extractive QA, Devlin et al. 2019 sec. 4.2). Hugging Face's BertForQuestionAnswering ("qa_outputs")."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config, self.num_labels = cfg, 2
+        self.encoder = Encoder(cfg)
+        self.qa_outputs = nn.Linear(cfg.hidden_size, 2)
+        self.apply(init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)     # (B, T, C)
+        return self.qa_outputs(hidden)              # (B, T, 2): [..., 0] start logits, [..., 1] end logits
+
+
 class SentenceEncoder(nn.Module):
     """An encoder giving one vector per sequence: the [CLS] hidden state ("cls": SimCSE's
     cls-before-pooler) or the mean over real tokens ("mean")."""
@@ -465,6 +499,8 @@ HF_BERT_NAMES = {
     "pooler.bias": "pooler.dense.bias",
     "classifier.weight": "classifier.weight",
     "classifier.bias": "classifier.bias",
+    "qa_outputs.weight": "qa_outputs.weight",
+    "qa_outputs.bias": "qa_outputs.bias",
     # plainbert extension for pre-LN stacks (Hugging Face BERT has no final norm)
     "encoder.final_norm.weight": "plainbert.final_norm.weight",
     "encoder.final_norm.bias": "plainbert.final_norm.bias",
@@ -472,7 +508,7 @@ HF_BERT_NAMES = {
 QKV = ("encoder.blocks.{i}.attn.qkv.{p}", "encoder.layer.{i}.attention.self.{part}.{p}")
 # keys a BERT checkpoint may hold that we knowingly do not use
 HF_IGNORED = re.compile(r"(embeddings\.position_ids|cls\.predictions\.decoder\.weight|cls\.seq_relationship\..*)$")
-HF_HEADS = ("cls.predictions", "pooler.dense", "classifier")  # task heads a checkpoint may carry
+HF_HEADS = ("cls.predictions", "pooler.dense", "classifier", "qa_outputs")  # task heads a checkpoint may carry
 
 
 class CheckpointError(ValueError):
@@ -553,7 +589,7 @@ def read_hf_weights(path: str) -> dict:
 
 def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **config_overrides) -> nn.Module:
     """Load a BERT-layout folder. head: "mlm"/"clm" -> LanguageModel, "classifier" -> SequenceClassifier,
-    None -> bare Encoder. The encoder must be complete; an MLM head must be present for "mlm"; the pooler
+    "token" -> TokenClassifier, "span" -> SpanExtractor, None -> bare Encoder. The encoder must be complete; an MLM head must be present for "mlm"; the pooler
     and classifier are taken when present (and shaped right), else freshly initialised."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
@@ -567,9 +603,11 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
     if head == "clm":
         cfg = replace(cfg, causal=True)
     model = {"mlm": LanguageModel, "clm": LanguageModel, None: Encoder}.get(head)
-    model = SequenceClassifier(cfg, num_labels) if head == "classifier" else model(cfg) if model else None
+    heads = {"classifier": lambda: SequenceClassifier(cfg, num_labels), "token": lambda: TokenClassifier(cfg, num_labels),
+             "span": lambda: SpanExtractor(cfg)}
+    model = heads[head]() if head in heads else model(cfg) if model else None
     if model is None:
-        raise ValueError(f"head must be 'mlm', 'clm', 'classifier' or None, got {head!r}")
+        raise ValueError(f"head must be 'mlm', 'clm', 'classifier', 'token', 'span' or None, got {head!r}")
     theirs = {re.sub(r"^bert\.", "", k): v for k, v in read_hf_weights(path).items()}
     prefix = "encoder." if head is None else ""
     ours = model.state_dict()
@@ -587,7 +625,7 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
         hf = _hf_name(full)
         if hf in theirs:
             wanted[name] = theirs.pop(hf)
-    optional = ("pooler.", "classifier.")
+    optional = ("pooler.", "classifier.", "qa_outputs.")
     missing = [n for n in ours if n not in wanted and not n.startswith(optional)
                and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Identity)]
     if missing:
@@ -617,9 +655,11 @@ def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = hf_config(model.config)
-    if isinstance(model, SequenceClassifier):
-        cfg["architectures"], cfg["num_labels"] = ["BertForSequenceClassification"], model.num_labels
-    tensors = {("bert." + k if not k.startswith(("cls.", "classifier.")) else k): v.detach().cpu()
+    for kind, arch in ((SequenceClassifier, "BertForSequenceClassification"), (TokenClassifier, "BertForTokenClassification"),
+                       (SpanExtractor, "BertForQuestionAnswering")):
+        if isinstance(model, kind):
+            cfg["architectures"], cfg["num_labels"] = [arch], model.num_labels
+    tensors = {("bert." + k if not k.startswith(("cls.", "classifier.", "qa_outputs.")) else k): v.detach().cpu()
                for k, v in to_hf_state_dict(model).items()}
     if "cls.predictions.decoder.weight" in tensors:   # safetensors refuses shared memory: store a copy
         tensors["cls.predictions.decoder.weight"] = tensors["cls.predictions.decoder.weight"].clone()

@@ -3,6 +3,9 @@
     python predict.py out/sst2 "a gripping, funny film" "dull and overlong"
     cat reviews.txt | python predict.py out/sst2 --format jsonl
     python predict.py out/sst2,out/sst2-seed2 --input dev.tsv --text-col sentence --output preds.tsv
+    python predict.py out/ner "Peter Blackburn spoke in Brussels." --format jsonl     # entities, character offsets
+    python predict.py out/qa --input questions.jsonl --format jsonl   # {"question", "context"} a line -> answer spans
+    printf 'Who spoke?\tPeter spoke.\n' | python predict.py out/qa        # stdin: question TAB context
 
 MODEL is a folder written by finetune.py (BERT layout + labels.json) or by export.py (the same, possibly
 int8 or pruned). Several folders, comma-separated, form an ensemble whose probabilities are averaged.
@@ -56,6 +59,9 @@ class Predictor:
         self.task, self.labels = self.info["task"], list(self.info.get("labels") or [])
         if self.task == "simcse":
             raise InputError(f"{paths[0]}: a SimCSE sentence encoder has no labels to predict")
+        if self.per_token and len(paths) > 1:
+            raise InputError(f"{paths[1]}: ensembles average class probabilities; a --task {self.task} model "
+                             "predicts alone")
         for path, (_, _, info) in zip(paths[1:], self.members[1:]):
             if info["task"] != self.task or list(info.get("labels") or []) != self.labels:
                 raise InputError(f"{path}: task {info['task']!r} with labels {info.get('labels')} does not match "
@@ -63,9 +69,15 @@ class Predictor:
         self.batch_size = batch_size
 
     @property
+    def per_token(self) -> bool:
+        """NER (entities) and QA (answer spans): outputs per token, not probabilities per text."""
+        return self.task in ("token", "qa")
+
+    @property
     def needs_pairs(self) -> bool:
-        """Fine-tuned on (text, pair): every pair task, and any task whose training file had a pair column."""
-        return self.task == "pair" or bool((self.info.get("columns") or {}).get("pair"))
+        """Fine-tuned on (text, pair): every pair task, QA (question, context), and any task whose training
+        file had a pair column."""
+        return self.task in ("pair", "qa") or bool((self.info.get("columns") or {}).get("pair"))
 
     def check(self, texts, pairs):
         if pairs is None and self.needs_pairs:
@@ -73,16 +85,30 @@ class Predictor:
         if pairs is not None and len(pairs) != len(texts):
             raise InputError(f"got {len(texts)} texts but {len(pairs)} pairs")
 
-    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
-        """(N, K) class probabilities, or (N,) scores for regression; the mean over the ensemble."""
+    def __call__(self, texts: list[str], pairs: list[str] | None = None):
+        """(N, K) class probabilities, or (N,) scores for regression; the mean over the ensemble. NER: a list
+        of entities per text; QA (texts = questions, pairs = contexts): the best answer span per question."""
         self.check(texts, pairs)
+        if self.per_token:
+            from data.spans import Question
+            from finetuned import answer_spans, tagged_entities
+            model, tok, info = self.members[0]
+            if self.task == "token":
+                return tagged_entities(model, tok, texts, info, self.batch_size)
+            return answer_spans(model, tok, [Question("", q, c, [], []) for q, c in zip(texts, pairs)], info,
+                                self.batch_size)
         outs = [np.asarray(self._predict_proba(model, tok, texts, pairs, info=info, batch_size=self.batch_size),
                            dtype=np.float64) for model, tok, info in self.members]
         mean = np.mean(outs, axis=0)
         return mean.reshape(len(texts)) if self.task == "regression" else mean.reshape(len(texts), -1)
 
-    def describe(self, out: np.ndarray) -> list[dict]:
-        """One JSON-ready dict per row: {"score"} for regression, else {"label", "probs": {name: p}}."""
+    def describe(self, out) -> list[dict]:
+        """One JSON-ready dict per row: {"score"} for regression, {"entities": [{"type", "text", "start",
+        "end", "score"}]} for NER, {"answer", "start", "end", "score"} for QA, else {"label", "probs": {name: p}}."""
+        if self.task == "token":
+            return [{"entities": row} for row in out]
+        if self.task == "qa":
+            return list(out)
         if self.task == "regression":
             return [{"score": float(s)} for s in out]
         names = self.labels or [str(k) for k in range(out.shape[1])]
@@ -94,14 +120,21 @@ class Predictor:
 
 
 def format_header(predictor: Predictor) -> str:
-    if predictor.task == "regression":
-        return "score"
+    if predictor.task in ("regression", "token"):
+        return {"regression": "score", "token": "entities"}[predictor.task]
+    if predictor.task == "qa":
+        return "answer\tstart\tend\tscore"
     return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels])
 
 
 def format_row(row: dict, fmt: str) -> str:
     if fmt == "jsonl":
         return json.dumps(row, ensure_ascii=False)
+    if "entities" in row:      # TYPE[start:end]=text; ...
+        return "; ".join(f"{e['type']}[{e['start']}:{e['end']}]={e['text']}" for e in row["entities"])
+    if "answer" in row:
+        score = "" if row["score"] is None else f"{row['score']:.6f}"
+        return f"{' '.join(row['answer'].split())}\t{row['start']}\t{row['end']}\t{score}"
     if "score" in row:
         return f"{row['score']:.6f}"
     return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()])
@@ -130,7 +163,9 @@ def run(args) -> None:
     predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size)
     if args.input:
         from data.tasks import read_examples     # the reader finetune.py uses: same formats, same columns
-        ex = read_examples([args.input], args.text_col, args.text_pair_col, need_labels=False)
+        qa = predictor.task == "qa"                   # QA files: question and context columns by default
+        ex = read_examples([args.input], args.text_col or ("question" if qa else None),
+                           args.text_pair_col or ("context" if qa else None), need_labels=False)
         texts, pairs = ex.texts, ex.pairs
     elif args.texts:
         texts, pairs = list(args.texts), None

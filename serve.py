@@ -4,6 +4,8 @@
     python serve.py out/sst2-int8 --port 8000
     curl -s localhost:8000/predict -H "Authorization: Bearer $PLAINBERT_TOKEN" -d '{"texts": ["a gripping film"]}'
     -> {"predictions": [{"label": "1", "probs": {"0": 0.03, "1": 0.97}}]}
+    NER: -> [{"entities": [{"type", "text", "start", "end", "score"}]}]; QA: {"texts": [questions], "pairs":
+    [contexts]} -> [{"answer", "start", "end", "score"}]  (predict.Predictor.describe)
 
 Read beside docs/deployment.md. The path of a request:
 
