@@ -2,6 +2,7 @@
 
     python export.py out/sst2 --out out/sst2-int8 --quantize int8 --report sst2/dev.tsv
     python export.py out/sst2-lora --out out/sst2-small --merge-lora --prune-heads 4 --prune 0.3
+    python export.py out/sst2 --out out/sst2-p70 --prune 0.7      # stored sparsely: 69 % of the dense size for MiniLM
 
 Read beside docs/deployment.md. The steps run in this order, each optional:
 
@@ -11,6 +12,9 @@ Read beside docs/deployment.md. The steps run in this order, each optional:
 DST is inference-only: config.json + weights + tokenizer + labels.json. A float result is the BERT layout
 (model.safetensors), read by finetuned.load_finetuned like any fine-tuned folder; an int8 result stores
 model.int8.safetensors (int8 codes + per-row scale and zero point, no pickled code), read by `int8.load_int8`.
+After --prune, a float result stores its weights sparsely (model.sparse.safetensors: a bitmask and the non-zero
+values, `sparse.py`), so the folder shrinks with the sparsity; load_finetuned reads it back bit for bit.
+--dense keeps model.safetensors (what other libraries read).
 predict.load_model picks between the two. `--report DEV` measures every stage side by side.
 """
 from __future__ import annotations
@@ -29,17 +33,21 @@ import torch.nn as nn
 from finetuned import TASKS, save_finetuned, write_json
 from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
 from predict import InputError, Predictor, load_model
+from sparse import SPARSE_WEIGHTS, sparsify_folder
 
 
 
-def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
+def save_folder(model: nn.Module, tokenizer, info: dict, out: str, sparse: bool = False) -> None:
     """DST as described at the top. The weights are plain now (LoRA merged, other methods only chose what
-    trained), so labels.json says method "full": nothing to re-apply on loading; `export` keeps the story."""
+    trained), so labels.json says method "full": nothing to re-apply on loading; `export` keeps the story.
+    sparse: store the float weights as bitmask + non-zero values (after pruning)."""
     info = info | {"method": "full", "peft": None}
     if is_int8(model):
         save_int8(out, model, tokenizer, info)
     else:
         save_finetuned(out, model, tokenizer, info)          # BERT layout + labels.json, for load_finetuned
+        if sparse:
+            sparsify_folder(out)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -147,7 +155,7 @@ def labelled(path: str, info: dict, args):
 
 
 # what inference reads; a fine-tuning folder also holds checkpoint.pt (with the optimizer), logs, predictions
-MODEL_FILES = ("config.json", "labels.json", "model.safetensors", INT8_WEIGHTS, "peft.json", "peft.safetensors",
+MODEL_FILES = ("config.json", "labels.json", "model.safetensors", SPARSE_WEIGHTS, INT8_WEIGHTS, "peft.json", "peft.safetensors",
                "vocab.txt", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
     p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
                    help="zero this fraction of the encoder's Linear weights")
+    p.add_argument("--dense", action="store_true", help="after --prune, keep the dense model.safetensors "
+                   "(readable by other libraries) instead of the sparse model.sparse.safetensors")
     p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
     p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
     p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
@@ -287,10 +297,13 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
     stages, done = [("float", args.src)], {"source": args.src, "source_method": info.get("method"),
                                            "merged_lora": args.merge_lora}
 
+    def sparse_now():                                  # pruned, still float, and not asked to stay dense
+        return bool(args.prune) and "sparsity" in done and not is_int8(model) and not args.dense
+
     def stage(name):
         if args.report:
             folder = os.path.join(tmp, str(len(stages)))
-            save_folder(model, tokenizer, info | {"export": done}, folder)
+            save_folder(model, tokenizer, info | {"export": done}, folder, sparse=sparse_now())
             stages.append((name, folder))
 
     if args.prune_heads:
@@ -314,7 +327,7 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
         fbgemm = model.encoder.blocks[0].ffn.fc1.packed is not None
         done["quantize"] = "int8 per-row affine, " + ("fbgemm int8 GEMM" if fbgemm else "dequantized to float")
         stage("int8")
-    save_folder(model, tokenizer, info | {"export": done}, args.out)
+    save_folder(model, tokenizer, info | {"export": done}, args.out, sparse=sparse_now())
     print(f"wrote {args.out} ({model_mb(args.out):.2f} MB): {json.dumps(done)}")
     if args.report and len(stages) > 1:
         stages[-1] = (stages[-1][0], args.out)          # the last step's model is OUT itself

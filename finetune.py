@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 import adversarial
 import losses
-from data.tasks import (Augmenter, TaskDataError, TaskDataset, encode_labels, eval_order, label_classes,
-                        nearest_neighbours, read_examples, read_sentences, write_sample_binary)
+from augment import AugmentError, build_augmenter
+from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, label_classes, read_examples,
+                        read_sentences, write_sample_binary)
 from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
                         tag_classes, TokenDataset)
 from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
@@ -138,8 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adv-steps", type=int, default=3)
     g.add_argument("--eval-attack-eps", type=float, help="also report dev accuracy under a PGD attack of this size")
     g.add_argument("--eval-attack-steps", type=int, default=10)
-    g.add_argument("--augment", type=float, nargs="?", const=0.1, default=0.0, metavar="RATE",
-                   help="token edits on the fly (swap/delete/insert/neighbour replace), RATE of tokens (0.1)")
+    g.add_argument("--augment", choices=["none", "eda", "backtranslate"], default="none",
+                   help="edit training texts on the fly (augment.py): EDA on words with WordNet synonyms, or "
+                   "back-translation paraphrases")
+    g.add_argument("--augment-rate", type=float, default=0.1, help="eda: fraction of words one edit changes (0.1)")
+    g.add_argument("--wordnet", help="eda: a WordNet 3.0 dict folder (default $WORDNET_DIR or /usr/share/wordnet)")
+    g.add_argument("--translator", help="backtranslate: a translation model folder, English -> another language")
+    g.add_argument("--translator-back", help="backtranslate: the folder translating back into English")
+    g.add_argument("--translation-cache", help="backtranslate: JSON cache of paraphrases (default OUT/../"
+                   "backtranslations.json, shared by runs)")
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
                    "better for a model pre-trained with MLM alone, and simcse's choice)")
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(a):
     if a.task in SPAN_TASKS:
         used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),
-                                      ("--adversarial", a.adversarial != "none"), ("--augment", a.augment),
+                                      ("--adversarial", a.adversarial != "none"), ("--augment", a.augment != "none"),
                                       ("--eval-attack-eps", a.eval_attack_eps), ("--ensemble", a.ensemble),
                                       ("--pooling mean", a.pooling != "cls")) if on]
         if used:
@@ -180,8 +188,12 @@ def check_args(a):
         raise FinetuneError(f"--eval-attack-eps: needs a classification task, not --task {a.task}")
     if a.data and (a.train or a.dev):
         raise FinetuneError("--data: give either --data DIR or --train/--dev files, not both")
-    if not 0 <= a.augment < 1:
-        raise FinetuneError(f"--augment: expected a rate in [0, 1), got {a.augment}")
+    if not 0 < a.augment_rate < 1:
+        raise FinetuneError(f"--augment-rate: expected a fraction in (0, 1), got {a.augment_rate}")
+    if a.augment != "none" and a.task == "simcse":
+        raise FinetuneError("--augment: simcse makes its own views (dropout); augment a labelled task")
+    if a.augment != "backtranslate" and (a.translator or a.translator_back):
+        raise FinetuneError("--translator/--translator-back: only with --augment backtranslate")
     if a.label_smoothing and not 0 <= a.label_smoothing < 1:
         raise FinetuneError(f"--label-smoothing: expected a value in [0, 1), got {a.label_smoothing}")
 
@@ -513,8 +525,13 @@ def run(argv=None) -> dict:
     if a.early_stopping and recipe["select"] == "last":
         raise FinetuneError("--early-stopping: needs a dev set (--dev) or --select heldout")
     judge = dev                       # the split that picks the checkpoint (and early stopping)
+    aug_texts = None if task == "simcse" else train_ex.texts           # augmentation reads example i's words
+    aug_pairs = None if task == "simcse" else train_ex.pairs
     if recipe["heldout"]:
         keep, held = heldout_split(n_train, recipe["heldout"])
+        if aug_texts is not None:
+            aug_texts = [aug_texts[i] for i in keep]
+            aug_pairs = None if aug_pairs is None else [aug_pairs[i] for i in keep]
         judge = {"ids": [train_ids[i] for i in held], "types": [train_types[i] for i in held],
                  "gold": [train_labels[i] for i in held]}
         train_ids, train_types = [train_ids[i] for i in keep], [train_types[i] for i in keep]
@@ -527,10 +544,10 @@ def run(argv=None) -> dict:
     steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
     cfg = TrainConfig.from_args(   # the loop's flags, with the recipe's defaults
         a, batch_size=batch_size, max_steps=recipe["max_steps"], lr=recipe["lr"], eval_every=recipe["eval_every"])
-    augmenter = None
-    if a.augment:
-        table = nearest_neighbours(model.encoder.embed.tok.weight, tokenizer, {i for x in train_ids for i in x})
-        augmenter = Augmenter(table, tokenizer.special_ids, rate=a.augment, max_length=max_length)
+    augmenter = None if task == "simcse" else build_augmenter(
+        a.augment, tokenizer, aug_texts, aug_pairs, max_length, rate=a.augment_rate, wordnet=a.wordnet,
+        translator=a.translator, translator_back=a.translator_back,
+        cache=a.translation_cache or os.path.join(os.path.dirname(os.path.abspath(a.out)), "backtranslations.json"))
     data = TaskDataset(train_ids, train_types, train_labels, cfg.batch_size, slots, cfg.seed, tokenizer.pad_id,
                        label_dtype=TASKS[task].label_dtype, augmenter=augmenter)
     if dist_env.is_main:
@@ -823,7 +840,7 @@ def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
         run_seeds(argv, a) if a.seeds != 1 else run(argv)
-    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError) as e:
+    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError, AugmentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -190,6 +190,9 @@ class SelfAttention(nn.Module):
         # Hook for prefix tuning (peft.py): a module returning learned (K, V) prefixes of shape
         # (nh, P, hs) that every query may attend to. None = plain attention.
         self.prefix = None
+        # Hook for explain.py: a callable given the attention probabilities (B, nh, T, T) of each forward;
+        # while one is set the explicit path runs, as SDPA does not return them. None = nothing recorded.
+        self.record = None
 
     def forward(self, x, mask, layout=None):
         """x (B, T, C) and the bool mask of visible keys (or None: all); with an Unpadded layout, x is the
@@ -206,14 +209,17 @@ class SelfAttention(nn.Module):
         if self.prefix is not None:
             k, v, mask = with_prefix(self.prefix(), k, v, mask)          # keys: [prefix; x], (B, nh, P+T, hs)
         p_drop = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        if self.use_sdpa and self.record is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
         else:
             # Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + M) V, M = -inf where a key is hidden  [eq:attention]
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.dropout(scores.softmax(dim=-1), p_drop, self.training)
+            probs = scores.softmax(dim=-1)
+            if self.record is not None:
+                self.record(probs)
+            probs = F.dropout(probs, p_drop, self.training)
             y = probs @ v                                                # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)                        # concatenate heads: (B, T, C)
 
@@ -574,9 +580,15 @@ def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderCo
 
 
 def read_hf_weights(path: str) -> dict:
-    """Tensors from model.safetensors, else pytorch_model.bin read with weights_only=True (no pickled code)."""
+    """Tensors from model.safetensors, else model.sparse.safetensors (pruned weights stored sparsely by
+    export.py, made dense again by sparse.load_sparse), else pytorch_model.bin read with weights_only=True."""
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    sparse = os.path.join(path, "model.sparse.safetensors")
     try:
+        if not os.path.exists(st) and os.path.exists(sparse):
+            from sparse import load_sparse
+            st = sparse
+            return load_sparse(sparse)
         if os.path.exists(st):
             from safetensors.torch import load_file
             return load_file(st)

@@ -6,6 +6,7 @@
     python predict.py out/ner "Peter Blackburn spoke in Brussels." --format jsonl     # entities, character offsets
     python predict.py out/qa --input questions.jsonl --format jsonl   # {"question", "context"} a line -> answer spans
     printf 'Who spoke?\tPeter spoke.\n' | python predict.py out/qa        # stdin: question TAB context
+    python predict.py out/sst2 --explain "a gripping, funny film" --explain-html why.html   # explain.py
 
 MODEL is a folder written by finetune.py (BERT layout + labels.json) or by export.py (the same, possibly
 int8 or pruned). Several folders, comma-separated, form an ensemble whose probabilities are averaged.
@@ -172,6 +173,8 @@ def run(args) -> None:
     else:
         texts, pairs = stdin_texts(predictor.needs_pairs)
     predictor.check(texts, pairs)
+    if args.explain:
+        return run_explain(predictor, texts, pairs, args)
     with output_file(args.output) as out:
         if args.format == "tsv":
             out.write(format_header(predictor) + "\n")
@@ -183,6 +186,24 @@ def run(args) -> None:
                 out.write(format_row(row, args.format) + "\n")
             bar.update(len(texts[i:i + step]))
         bar.close()
+
+
+def run_explain(predictor: Predictor, texts, pairs, args) -> None:
+    """One JSON line per text: its word attributions (integrated gradients) and an attention map; with
+    --explain-html also a page that shades the words."""
+    from explain import explain, to_html
+    if len(predictor.members) > 1:
+        raise InputError("--explain: give one model folder, not an ensemble")
+    model, tokenizer, info = predictor.members[0]
+    found = [explain(model, tokenizer, info, t, None if pairs is None else pairs[i], target=args.target,
+                     steps=args.ig_steps, baseline=args.baseline, layer=args.layer, head=args.head)
+             for i, t in enumerate(texts)]
+    with output_file(args.output) as out:
+        for text, e in zip(texts, found):
+            out.write(json.dumps({"text": text, **e.to_dict()}, ensure_ascii=False) + "\n")
+    if args.explain_html:
+        with atomic_write(args.explain_html) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(to_html(found, texts))
 
 
 @contextlib.contextmanager
@@ -206,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
+    g = p.add_argument_group("explanations (explain.py)")
+    g.add_argument("--explain", action="store_true", help="print word attributions (integrated gradients) and "
+                   "an attention map per text, as JSON lines")
+    g.add_argument("--ig-steps", type=int, default=50, help="intervals of the path integral (default 50)")
+    g.add_argument("--baseline", choices=("pad", "mask"), default="pad", help="the input that scores zero: "
+                   "every word replaced by [PAD] or by [MASK]")
+    g.add_argument("--target", help="explain this label (default: the predicted one)")
+    g.add_argument("--layer", type=int, default=-1, help="attention map of this layer (default -1, the last)")
+    g.add_argument("--head", type=int, default=0, help="... and this head (default 0)")
+    g.add_argument("--explain-html", metavar="FILE", help="also write the attributions as an HTML page")
     return p
 
 

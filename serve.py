@@ -1,4 +1,4 @@
-"""Serve a fine-tuned model over HTTP: POST /predict, GET /healthz, GET /metrics (FastAPI + uvicorn).
+"""Serve a fine-tuned model over HTTP: POST /predict, POST /explain, GET /healthz, GET /metrics (FastAPI + uvicorn).
 
     export PLAINBERT_TOKEN=$(openssl rand -hex 32)
     python serve.py out/sst2-int8 --port 8000
@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 from predict import InputError, Predictor
 
-PATHS = ("/predict", "/healthz", "/metrics")        # metric labels: any other path counts as "other"
+PATHS = ("/predict", "/explain", "/healthz", "/metrics")        # metric labels: any other path counts as "other"
 
 
 @dataclass
@@ -79,6 +79,32 @@ def parse_predict(body: bytes, limits: Limits, needs_pairs: bool) -> tuple[list[
     if needs_pairs and pairs is None:
         raise RequestError(422, 'this model reads text pairs: give "pairs" beside "texts"')
     return texts, pairs
+
+
+EXPLAIN_FIELDS = {"text": str, "pair": str, "target": str, "steps": int, "baseline": str, "layer": int, "head": int}
+MAX_EXPLAIN_STEPS = 256                  # each step is a forward and a backward pass: bound the work
+
+
+def parse_explain(body: bytes, limits: Limits) -> dict:
+    """{"text": str, optionally "pair", "target", "steps", "baseline", "layer", "head"} -> explain.explain's
+    keyword arguments, or RequestError."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(422, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+        raise RequestError(422, 'expected a JSON object {"text": "..."} (optionally steps, baseline, layer, head, target)')
+    for name, value in data.items():
+        kind = EXPLAIN_FIELDS.get(name)
+        if kind is None:
+            raise RequestError(422, f"unknown field {name!r}: expected {', '.join(EXPLAIN_FIELDS)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RequestError(422, f"{name} is {type(value).__name__}, expected {kind.__name__}")
+        if kind is str and len(value) > limits.max_chars:
+            raise RequestError(422, f"{name} has {len(value)} characters; the limit is {limits.max_chars}")
+    if not 1 <= data.get("steps", 50) <= MAX_EXPLAIN_STEPS:
+        raise RequestError(422, f"steps must be between 1 and {MAX_EXPLAIN_STEPS}")
+    return data
 
 
 def authorized(header: str | None, token: str) -> bool:
@@ -299,6 +325,20 @@ def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batc
         texts, pairs = parse_predict(await read_body(request, limits.max_body_bytes), limits, predictor.needs_pairs)
         request.scope["plainbert"].update(n_texts=len(texts), texts=texts)
         return {"predictions": await state["batcher"].predict(texts, pairs)}
+
+    @app.post("/explain")
+    async def explain_endpoint(request: Request):
+        from explain import ExplainError, explain
+        if token is not None and not authorized(request.headers.get("authorization"), token):
+            raise RequestError(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+        opts = parse_explain(await read_body(request, limits.max_body_bytes), limits)
+        request.scope["plainbert"].update(n_texts=1, texts=[opts["text"]])
+        model, tokenizer, info = predictor.members[0]            # an ensemble: its first member
+        work = lambda: explain(model, tokenizer, info, **opts).to_dict()
+        try:           # on the batcher's one model thread: IG's embedding hook must not meet a /predict batch
+            return await asyncio.get_running_loop().run_in_executor(state["batcher"].pool, work)
+        except ExplainError as e:
+            raise RequestError(422, str(e)) from None
 
     @app.get("/healthz")
     async def healthz():

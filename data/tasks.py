@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python data/tasks.py` and imports from tests both find the repo root
@@ -354,95 +353,13 @@ class TaskDataset:
         ids, types = [self.ids[i] for i in rows], [self.types[i] for i in rows]
         if self.augmenter is not None:
             rng = np.random.default_rng([self.seed, c, 1])     # the batch's own generator: still pure
-            ids, types = map(list, zip(*(self.augmenter(x, t, rng) for x, t in zip(ids, types))))
+            ids, types = map(list, zip(*(self.augmenter(i, rng) for i in rows)))   # augment.py: edits words
         batch = pad_batch(ids, types, self.pad_id)
         if self.labels is not None:
             batch["labels"] = torch.as_tensor(self.labels[rows], dtype=self.label_dtype)
         batch["num_targets"] = len(rows)
         batch["num_tokens"] = int(sum(len(x) for x in ids))
         return batch
-
-
-# -----------------------------------------------------------------------------------------------------
-# augmentation: EDA-style edits with the model's own embedding table as the thesaurus
-
-
-def nearest_neighbours(weight: torch.Tensor, tokenizer, ids, k: int = 8, chunk: int = 1024) -> np.ndarray:
-    """(V, k) table: for each id in `ids`, the k tokens whose input embeddings are most cosine-similar
-    (-1 rows for ids not asked for). Special and bracketed tokens ([unused3]) are never neighbours, and
-    a word-start piece only neighbours word-start pieces (WordPiece `##`, SentencePiece `▁`), so a
-    replacement does not glue onto or split off from the surrounding word."""
-    V = weight.shape[0]
-    pieces = [tokenizer.id_to_token(i) for i in range(min(V, tokenizer.vocab_size))] + [""] * max(0, V - tokenizer.vocab_size)
-    sp = any(p.startswith("\u2581") for p in pieces)
-    word_start = torch.tensor([p.startswith("\u2581") if sp else not p.startswith("##") for p in pieces])
-    banned = torch.tensor([i in tokenizer.special_ids or not p or (p.startswith("[") and p.endswith("]"))
-                           for i, p in enumerate(pieces)])
-    w = F.normalize(weight.detach().float().cpu(), dim=1)                # (V, C) unit rows
-    table = np.full((V, k), -1, dtype=np.int64)
-    ids = torch.tensor(sorted(set(int(i) for i in ids) - set(np.flatnonzero(banned.numpy()).tolist())), dtype=torch.long)
-    for start in range(0, len(ids), chunk):
-        rows = ids[start:start + chunk]
-        sims = w[rows] @ w.T                                              # (m, V) cosine similarities
-        sims[:, banned] = -float("inf")
-        sims[word_start[rows][:, None] != word_start[None, :]] = -float("inf")
-        sims[torch.arange(len(rows)), rows] = -float("inf")               # not itself
-        table[rows.numpy()] = sims.topk(k, dim=1).indices.numpy()
-    return table
-
-
-class Augmenter:
-    """One random edit per example (Wei & Zou 2019, EDA), touching about `rate` of its tokens:
-    swap two tokens, delete tokens, insert a neighbour of a token, or replace tokens by neighbours.
-    Works on token ids inside each segment; [CLS]/[SEP] and the segment layout never change."""
-
-    OPS = ("swap", "delete", "insert", "replace")
-
-    def __init__(self, neighbours: np.ndarray, special_ids, rate: float = 0.1, max_length: int = 128):
-        self.nb, self.special, self.rate, self.max_length = neighbours, set(special_ids), rate, max_length
-
-    def __call__(self, ids, types, rng):
-        """One example's (ids, types) -> the edited (ids, types); each run of ordinary tokens between
-        special tokens is one segment, edited on its own and keeping its token type."""
-        op = self.OPS[rng.integers(len(self.OPS))]
-        room = self.max_length - len(ids)                  # insertions must not pass max_length
-        out_ids, out_types, i = [], [], 0
-        while i < len(ids):
-            if ids[i] in self.special:
-                out_ids.append(ids[i])
-                out_types.append(types[i])
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] not in self.special:
-                j += 1
-            seg = self._edit(ids[i:j], op, rng, room)
-            room -= len(seg) - (j - i)
-            out_ids += seg
-            out_types += [types[i]] * len(seg)
-            i = j
-        return out_ids, out_types
-
-    def _edit(self, seg, op, rng, room):
-        n = max(1, round(self.rate * len(seg)))
-        seg = list(seg)
-        with_nb = [i for i, t in enumerate(seg) if t < len(self.nb) and self.nb[t, 0] >= 0]
-        if op == "swap" and len(seg) > 1:
-            for _ in range(n):
-                i, j = rng.choice(len(seg), 2, replace=False)
-                seg[i], seg[j] = seg[j], seg[i]
-        elif op == "delete" and len(seg) > 1:
-            keep = rng.random(len(seg)) >= self.rate
-            seg = [t for t, kept in zip(seg, keep) if kept] or [seg[rng.integers(len(seg))]]
-        elif op == "insert" and with_nb and room > 0:
-            for _ in range(min(n, room)):
-                src = seg[with_nb[rng.integers(len(with_nb))]]
-                seg.insert(int(rng.integers(len(seg) + 1)), int(self.nb[src, rng.integers(self.nb.shape[1])]))
-                with_nb = [i for i, t in enumerate(seg) if t < len(self.nb) and self.nb[t, 0] >= 0]
-        elif op == "replace" and with_nb:
-            for i in rng.choice(with_nb, min(n, len(with_nb)), replace=False):
-                seg[i] = int(self.nb[seg[i], rng.integers(self.nb.shape[1])])
-        return seg
 
 
 # -----------------------------------------------------------------------------------------------------

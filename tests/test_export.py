@@ -130,6 +130,44 @@ def test_pruned_folder_has_the_stated_sparsity_and_still_predicts(toy, tmp_path,
     assert (p.argmax(1) == np.array(toy["labels"])).mean() > 0.8
 
 
+def test_sparse_encoding_round_trips_bit_for_bit_and_stores_only_what_shrinks():
+    from sparse import encode, load_sparse, pack_bits, save_sparse, unpack_bits
+    keep = torch.rand(77) < 0.3
+    assert torch.equal(pack_bits(keep), torch.from_numpy(np.packbits(keep.numpy())))   # numpy's bit order
+    assert torch.equal(unpack_bits(pack_bits(keep), 77), keep)
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    w[torch.rand(40, 24) < 0.7] = 0
+    tensors = {"w": w, "dense": torch.randn(8, 8), "ids": torch.arange(6), "half": w.half()}
+    out, shapes = encode(tensors)
+    assert shapes == {"w": [40, 24], "half": [40, 24]} and "dense" in out and "ids" in out   # no zeros: stays dense
+    assert out["w.values"].numel() == int((w != 0).sum()) and out["w.mask"].numel() == 40 * 24 // 8
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        save_sparse(tensors, os.path.join(d, "s.safetensors"))
+        back = load_sparse(os.path.join(d, "s.safetensors"))
+    assert set(back) == set(tensors)
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]), k
+
+
+def test_pruned_folder_is_stored_sparsely_smaller_with_sparsity_and_predicts_identically(toy, tmp_path, capsys):
+    sizes, texts = {}, toy["texts"][:64]
+    for s in (0.3, 0.7):
+        out = tmp_path / f"p{s}"
+        dense = tmp_path / f"p{s}-dense"
+        run_export(capsys, toy["dir"], "--out", out, "--prune", str(s))
+        run_export(capsys, toy["dir"], "--out", dense, "--prune", str(s), "--dense")
+        assert (out / "model.sparse.safetensors").is_file() and not (out / "model.safetensors").exists()
+        assert (dense / "model.safetensors").is_file() and not (dense / "model.sparse.safetensors").exists()
+        a, b = load_finetuned(str(out))[0], load_finetuned(str(dense))[0]
+        for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), name                           # the same weights, bit for bit
+        assert np.array_equal(probs_of(str(out), texts), probs_of(str(dense), texts))
+        sizes[s] = (os.path.getsize(out / "model.sparse.safetensors"), os.path.getsize(dense / "model.safetensors"))
+    assert sizes[0.7][0] < sizes[0.3][0] < sizes[0.3][1] == sizes[0.7][1]
+
+
 def test_removing_a_head_equals_gating_its_output_to_zero():
     torch.manual_seed(0)
     cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, dropout=0.0, attention_dropout=0.0)

@@ -209,7 +209,7 @@ def test_mean_pooling_classifier_averages_real_tokens_and_reloads_exactly(tiny_i
 def test_adversarial_augment_and_contrastive_losses_train(tiny_init, binary_data, tmp_path):
     train, dev = binary_data
     res = finetune_run(tiny_init, tmp_path / "out", "--train", str(train), "--dev", str(dev), "--max-steps", "2",
-                       "--adversarial", "fgm", "--adv-eps", "0.5", "--augment", "--eval-attack-eps", "0.5",
+                       "--adversarial", "fgm", "--adv-eps", "0.5", "--augment", "eda", "--eval-attack-eps", "0.5",
                        "--eval-attack-steps", "2")
     assert 0 <= res["metrics"]["dev"]["robust_accuracy"] <= 1
     res = finetune_run(tiny_init, tmp_path / "out2", "--train", str(train), "--max-steps", "2", "--contrastive-weight", "0.5")

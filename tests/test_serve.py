@@ -220,6 +220,22 @@ def test_each_request_is_one_json_log_line_without_its_text(server):
     assert secret not in server.log_path.read_text()
 
 
+def test_explain_answers_what_explain_computes_and_refuses_bad_fields(server, toy):
+    from explain import explain
+    text = toy["texts"][0]
+    status, body = server.request("/explain", {"text": text, "steps": 8, "baseline": "mask", "layer": 1, "head": 3})
+    model, tok, info = load_finetuned(toy["dir"])
+    local = explain(model, tok, info, text, steps=8, baseline="mask", layer=1, head=3)
+    assert status == 200 and body["words"] == local.words and body["label"] == local.label
+    np.testing.assert_allclose(body["word_scores"], local.word_scores, atol=1e-5)
+    np.testing.assert_allclose(body["attention"], local.attention, atol=1e-6)
+    for bad, message in (({"text": text, "steps": 10_000}, "steps must be between"), ({"texts": [text]}, '{"text"'),
+                         ({"text": text, "layer": 7}, "--layer 7"), ({"text": text, "head": "2"}, "expected int")):
+        status, body = server.request("/explain", bad)
+        assert status == 422 and message in body["error"]
+    assert server.request("/explain", {"text": text}, token=None)[0] == 401
+
+
 def test_serving_refuses_to_start_without_a_token(toy):
     env = {k: v for k, v in os.environ.items() if k != "PLAINBERT_TOKEN"}
     for extra_env, message in (({}, "no token: set PLAINBERT_TOKEN"), ({"PLAINBERT_TOKEN": "short"}, "at least 16")):
