@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import EncoderConfig, CheckpointError, SequenceClassifier, config_from_hf, hf_config
+from model import EncoderConfig, CheckpointError, SequenceClassifier, config_from_hf, hf_config, make_readable
 from predict import InputError, Predictor, load_model
 
 INT8_WEIGHTS = "model.int8.safetensors"
@@ -174,6 +174,7 @@ def save_folder(model: nn.Module, tokenizer, info: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(out, INT8_WEIGHTS + ".tmp"), metadata={"format": "pt"})
+    make_readable(os.path.join(out, INT8_WEIGHTS + ".tmp"))
     os.replace(os.path.join(out, INT8_WEIGHTS + ".tmp"), os.path.join(out, INT8_WEIGHTS))
     write_json(os.path.join(out, "config.json"), hf_config(model.config) | {
         "architectures": ["BertForSequenceClassification"], "num_labels": model.num_labels,

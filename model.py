@@ -559,6 +559,18 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
     return model
 
 
+def make_readable(path: str) -> None:
+    """Give a file written by safetensors (always mode 0600) the mode open() gives a new file: 0666 less
+    the umask, usually 0644, so a server running as another user can read the folder."""
+    try:                                     # the umask without changing it (Linux); os.umask can only swap it
+        with open("/proc/self/status") as f:
+            mask = int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
     """Write config.json + model.safetensors (+ the tokenizer) in the BERT layout, atomically per file."""
     from safetensors.torch import save_file
@@ -572,6 +584,7 @@ def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
         tensors["cls.predictions.decoder.weight"] = tensors["cls.predictions.decoder.weight"].clone()
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    make_readable(tmp)
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     tmp = os.path.join(path, "config.json.tmp")
     with open(tmp, "w") as f:

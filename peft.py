@@ -333,6 +333,7 @@ def save_peft(model: nn.Module, out_dir: str, method: str, options: dict | None 
     """Write out_dir/peft.json ({"method", "options"}: apply_peft's arguments) and out_dir/peft.safetensors
     (peft_state_dict), each atomically."""
     from safetensors.torch import save_file
+    from model import make_readable
     options = dict(options or {})
     known = set(inspect.signature(apply_peft).parameters) - {"model", "method"}
     _check(method in METHODS, f"PEFT method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -342,6 +343,7 @@ def save_peft(model: nn.Module, out_dir: str, method: str, options: dict | None 
     tensors = {k: v.cpu().contiguous() for k, v in peft_state_dict(model).items()}
     tmp = os.path.join(out_dir, "peft.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    make_readable(tmp)
     os.replace(tmp, os.path.join(out_dir, "peft.safetensors"))
     tmp = os.path.join(out_dir, "peft.json.tmp")
     with open(tmp, "w") as f:
