@@ -201,7 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (slow; for checks)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)                    # prompts may come after the flags
     checks = [(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected at least 1"),
               (args.temperature >= 0, f"--temperature {args.temperature}: expected 0 (greedy) or more"),
               (args.top_k >= 0, f"--top-k {args.top_k}: expected 0 (off) or a positive count"),

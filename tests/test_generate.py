@@ -167,7 +167,7 @@ def test_cli_continues_prompts_from_arguments_file_and_stdin(clm_folder, capsys,
     assert cli(capsys, [model, "--file", str(tmp_path / "p.txt"), *flags])[1] == out     # blank lines skipped
     assert cli(capsys, [model, *flags], stdin="a gripping film\ndull\n", monkeypatch=monkeypatch)[1] == out
     # batching does not change greedy output; the cache does not change it either
-    greedy = [model, "a gripping film", "dull", "--greedy", "--max-new-tokens", "6", "--no-stop"]
+    greedy = [model, "--greedy", "--max-new-tokens", "6", "--no-stop", "a gripping film", "dull"]   # prompts last
     text = cli(capsys, greedy)[1]
     assert cli(capsys, greedy + ["--batch-size", "1"])[1] == text
     assert cli(capsys, greedy + ["--no-cache"])[1] == text
