@@ -394,3 +394,47 @@ def test_training_puts_the_signal_handlers_back(tmp_path):
     args = pretrain.parse_args(["--out", str(tmp_path), "--max-steps", "2", "--no-progress", "--eval-every", "0"])
     trainer.train(torch.nn.Linear(3, 1), lambda m, b: m(b["x"]).sum(), Data(), args, trainer.Dist("cpu"))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# -----------------------------------------------------------------------------------------------------
+# CLM evaluation by generation (--eval-generate) and --sample, both through generate.py
+
+
+def test_clm_eval_logs_bleu_and_rouge_of_greedy_continuations(corpus, tmp_path, capsys):
+    """Logged gen_bleu / gen_rougeL are sacrebleu's and rouge-score's scores of the final model's greedy
+    continuation of the first 8 tokens of the first 6 held-out windows against their next 8 tokens."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    import generate
+    out = tmp_path / "clm"
+    pretrain.main(["--data", str(corpus / "data"), *TINY, "--objective", "clm", "--max-steps", "6",
+                   "--eval-every", "3", "--eval-generate", "8", "--eval-generate-windows", "6", "--sample", "2",
+                   "--out", str(out)])
+    printed = capsys.readouterr().out
+    evals = [r for r in log_lines(out) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all("eval/gen_bleu" in r and "eval/gen_rougeL" in r for r in evals)
+    assert printed.count("\n--- ") + printed.startswith("--- ") == 2        # --sample 2: two continuations
+    # the held-out windows: [CLS] + the val stream cut into consecutive pieces of --seq-len tokens
+    model, tok = generate.load_causal_lm(str(out))
+    meta = json.loads((corpus / "data" / "meta.json").read_text())
+    val = np.fromfile(corpus / "data" / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+    windows = [[tok.cls_id] + val[i * 32:i * 32 + 15].tolist() for i in range(6)]     # body = seq_len for CLM
+    new = generate.generate(model, [w[:8] for w in windows], 8, temperature=0)
+    hyps, refs = [tok.decode(n) for n in new], [tok.decode(w[8:]) for w in windows]
+    assert evals[-1]["eval/gen_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge_l = np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
+    assert evals[-1]["eval/gen_rougeL"] == pytest.approx(rouge_l, abs=1e-6)
+    assert all(len(n) == 8 for n in new)
+    assert evals[-1]["eval/gen_bleu"] > 0 and evals[-1]["eval/gen_rougeL"] > 0       # not vacuous
+
+
+def test_eval_generate_needs_clm_and_room_in_the_window(capsys):
+    for argv, expected in [(["--eval-generate", "4"], "only a causal LM"),
+                           (["--objective", "clm", "--seq-len", "16", "--eval-generate", "9"], "expected K in 0..8")]:
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(argv)
+        assert expected in capsys.readouterr().err
+    assert pretrain.parse_args(["--objective", "clm", "--seq-len", "20"]).eval_generate == 10   # default: min(16, T/2)
+    assert pretrain.parse_args([]).eval_generate == 0                                         # MLM: off
