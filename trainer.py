@@ -39,12 +39,17 @@ def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argume
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on biases/norms)")
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (beta1 = 0.9)")
+    g.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
+                   help="adafactor (optim.py): factored second moments, no first moment; --lr is then the cap "
+                        "on its relative step (the paper's 1e-2)")
     g.add_argument("--warmup", type=float, default=0.06, help="warm-up steps, or a fraction of --max-steps if < 1")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
     g.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard (under torchrun)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica (parallel.py); "
+                   "the world size must be a multiple, the rest is data parallelism")
     g.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N steps")
@@ -104,9 +109,10 @@ class Dist:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.98),
-                    eps: float = 1e-6, impl: str = "auto") -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and LayerNorm weights (every tensor with < 2 dims)
-    get no weight decay: shrinking them towards 0 only fights the normalisation.
+                    eps: float = 1e-6, impl: str = "auto", name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or, name="adafactor", optim.Adafactor) over the trainable parameters; biases and LayerNorm
+    weights (every tensor with < 2 dims) get no weight decay: shrinking them towards 0 only fights the
+    normalisation.
 
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)  [eq:adamw]
 
@@ -116,6 +122,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if name == "adafactor":
+        from optim import Adafactor
+        return Adafactor(groups, lr=lr)
     kw = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
           "plain": {"foreach": False}}[impl]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)

@@ -144,9 +144,10 @@ def test_fsdp_two_ranks_matches_ddp_and_resumes(corpus, tmp_path):
     assert (tmp_path / "fsdp" / "model.safetensors").exists()          # the export ran on a plain copy
 
 
-def test_resume_is_exact(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_is_exact(corpus, tmp_path, optimizer):
     common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "20", "--eval-every", "5", "--save-every", "0",
-              "--dropout", "0.1"]
+              "--dropout", "0.1", "--optimizer", optimizer]
     straight = pretrain.main([*common, "--out", str(tmp_path / "straight")])
     assert pretrain.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "10"])["preempted"]
     pretrain.main([*common, "--out", str(tmp_path / "split"), "--resume"])
