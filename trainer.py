@@ -75,7 +75,10 @@ def fail(msg: str):
 
 
 class Dist:
-    def __init__(self, device: str = "auto"):
+    """This process's place: rank / world_size over all processes; data_rank / data_world over the model
+    replicas (the same unless --tp > 1, where tp neighbouring ranks share one replica and one batch)."""
+
+    def __init__(self, device: str = "auto", tp: int = 1):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -89,11 +92,29 @@ class Dist:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
+        self.tp, self.mesh, self.data_group = tp, None, None
+        self.data_rank, self.data_world = self.rank, self.world_size
+        if tp > 1:
+            if self.world_size % tp:
+                fail(f"--tp {tp}: the world size {self.world_size} is not a multiple of it (start with torchrun "
+                     f"--nproc_per_node=<a multiple of {tp}>)")
+            import parallel
+            self.mesh = parallel.make_mesh(self.device.type, self.world_size, tp)
+            self.data_rank, self.data_world = self.mesh["dp"].get_local_rank(), self.world_size // tp
+            self.data_group = self.mesh["dp"].get_group()
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel replicas (tensor-parallel peers hold the same numbers: counted once)."""
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
+        return x
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a stop request that reached one process)."""
+        x = torch.tensor(float(flag), device=self.device)
         if self.world_size > 1:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
+        return x.item() > 0
 
     def barrier(self):
         if self.world_size > 1:
@@ -233,23 +254,41 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
     monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored.
     """
-    out, dev, world = args.out, dist_env.device, dist_env.world_size
+    out, dev, world = args.out, dist_env.device, dist_env.data_world     # world: the data-parallel replicas
     os.makedirs(out, exist_ok=True)
     ckpt_path, best_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "best_model.pt")
-    torch.manual_seed(args.seed + dist_env.rank)     # each rank draws its own dropout masks
+    # each replica draws its own dropout masks; tensor-parallel peers the same ones (their activations are
+    # replicated, and must stay equal)
+    torch.manual_seed(args.seed + dist_env.data_rank)
     model.to(dev)
     raw = sharded = model
+    tp = getattr(args, "tp", 1) > 1
+    if tp:
+        if dist_env.tp != args.tp:
+            fail(f"--tp {args.tp}: this script does not support tensor parallelism (pretrain.py does)")
+        if args.fsdp or getattr(args, "optimizer", "adamw") != "adamw":
+            fail(f"--tp {args.tp}: combine it with plain data parallelism and AdamW, not with --fsdp or "
+                 f"--optimizer {args.optimizer}")
+        import parallel
+        try:
+            parallel.tensor_parallel(raw, dist_env.mesh["tp"])     # in place; data parallelism: below
+        except ValueError as e:
+            fail(str(e))
+    if args.fsdp and getattr(args, "optimizer", "adamw") != "adamw":
+        fail("--fsdp: Adafactor's row/column statistics span the sharded dimension; use --optimizer adamw")
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in raw.encoder.blocks:
             fully_shard(block)
         model = sharded = fully_shard(raw)
-    elif world > 1:
+    elif world > 1 and not tp:
         model = sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
+    # foreach kernels refuse a list mixing DTensors (tensor-parallel weights) and plain tensors: a loop then
     opt = build_optimizer(raw, args.lr, args.weight_decay, betas=(0.9, args.beta2),
-                          impl="auto" if not args.fsdp else "foreach")
+                          impl="foreach" if args.fsdp else "plain" if tp else "auto",
+                          name=getattr(args, "optimizer", "adamw"))
     use_fp16 = args.amp == "fp16"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_fp16)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -263,7 +302,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     elif args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
-        if args.fsdp:
+        if args.fsdp or tp:
             _load_fsdp(sharded, opt, ckpt["model"], ckpt["optimizer"])
         else:
             raw.load_state_dict(ckpt["model"])
@@ -280,13 +319,13 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
     stopped_early = False
 
     def save(final=False):
-        states = [None] * world
-        if world > 1:
+        states = [None] * dist_env.world_size
+        if dist_env.world_size > 1:
             dist.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
         state = model_state(sharded if args.fsdp else raw)      # FSDP: a collective, so every rank joins
-        opt_state = _opt_state(opt, sharded, args.fsdp)
+        opt_state = _opt_state(opt, sharded, args.fsdp or tp)
         if dist_env.is_main:
             ckpt = {"model": state, "optimizer": opt_state, "scaler": scaler.state_dict(),
                     "step": step, "skipped": skipped, "best": best, "bad_evals": bad_evals, "rng": states,
@@ -294,7 +333,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
                     **(extra_state or {})}
             atomic_save(ckpt, ckpt_path)
             if on_save:
-                on_save(raw if not args.fsdp else _full_copy(raw, state))
+                on_save(raw if not (args.fsdp or tp) else _full_copy(raw, state))
         dist_env.barrier()
 
     def evaluate():
@@ -322,7 +361,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
         # Dividing each micro-batch's summed loss by N (not by its own count) makes accumulation and DDP
         # give exactly the gradient of one big batch, even when micro-batches hold different numbers of
         # masked tokens.  [eq:accum-normalise]
-        batches = [data.micro_batch(step, i * world + dist_env.rank) for i in range(args.grad_accum)]
+        batches = [data.micro_batch(step, i * world + dist_env.data_rank) for i in range(args.grad_accum)]
         n_targets = dist_env.all_reduce_sum(torch.tensor(float(sum(int(b["num_targets"]) for b in batches)), device=dev))
         lr = lr_at(step, args.lr, warmup, args.max_steps, args.schedule)
         for group in opt.param_groups:
@@ -344,9 +383,12 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
             scaler.scale(loss).backward()      # fp16: backward of S * loss, so small gradients survive  [eq:loss-scaling]
             loss_total += loss_sum.detach().float()
             tokens_since += int(batch.get("num_tokens", 0))
+        if tp and world > 1:
+            parallel.all_reduce_grads(raw, dist_env.data_group)      # what DDP does, over the replicas
         scaler.unscale_(opt)
         # g <- g * min(1, clip / ||g||), the norm taken over all parameters together  [eq:clip]
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
+        clip_fn = parallel.clip_grad_norm_ if tp else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip_fn(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
         scale_before = scaler.get_scale()
         scaler.step(opt)                        # fp16: skipped when any gradient is inf/nan
         scaler.update()
@@ -371,8 +413,7 @@ def train(model, loss_fn, data, args, dist_env: Dist, eval_fn=None, on_save=None
                 break
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save()
-        stop_now = torch.tensor(float(stop.requested or step == args.stop_at_step), device=dev)
-        if dist_env.all_reduce_sum(stop_now).item() > 0 and step < args.max_steps:
+        if dist_env.any_rank(stop.requested or step == args.stop_at_step) and step < args.max_steps:
             save()
             stop.restore()
             if log:

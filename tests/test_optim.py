@@ -138,3 +138,16 @@ def test_optimizer_flag_builds_adafactor_and_resumes_its_state(tmp_path):
         clm_loss(m, ids).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clone.parameters()))
+
+
+def test_bench_measures_optimizer_state_of_adamw_and_adafactor():
+    """bench.py's optimizer_state_mib: AdamW keeps m and v (8 bytes per weight); Adafactor a row and a
+    column statistic per matrix and a full one per vector."""
+    import bench
+    model = tiny_lm()
+    sizes = bench.optimizer_state_mib(model)
+    n = sum(p.numel() for p in model.parameters())
+    factored = sum(p.shape[0] + p.shape[1] if p.ndim >= 2 else p.numel() for p in model.parameters())
+    assert abs(sizes["adamw"] - 8 * n / 2**20) < 2e-3            # (+ one 4-byte step count per tensor)
+    assert sizes["adafactor"] == round(4 * factored / 2**20, 3)
+    assert all(p.grad is None for p in model.parameters()), "the measurement works on a copy"
