@@ -292,7 +292,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_env = trainer.Dist(args.device)
+    dist_env = trainer.Dist(args.device, tp=args.tp)
     try:
         return run(args, dist_env)
     except (ValueError, FileNotFoundError) as e:      # bad input: one line, no traceback
@@ -335,7 +335,7 @@ def run(args, dist_env):
         if extra.vocab_size != shards.vocab_size:
             raise ValueError(f"--eval-data {folder}: vocab_size {extra.vocab_size} differs from --data's {shards.vocab_size}")
         eval_sets.append((os.path.basename(os.path.normpath(folder)) + "/", make(extra.val)))
-    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.rank, dist_env.world_size)])
+    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.data_rank, dist_env.data_world)])
                     for prefix, d in eval_sets]
 
     class Data:   # the training stream, tagged with the objective for lm_loss

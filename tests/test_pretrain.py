@@ -168,9 +168,57 @@ def test_fsdp_two_ranks_matches_ddp_and_resumes(corpus, tmp_path):
     assert (tmp_path / "fsdp" / "model.safetensors").exists()          # the export ran on a plain copy
 
 
-def test_resume_is_exact(corpus, tmp_path):
+def _same_run(a_dir, b_dir, tol):
+    """Parameters and logged losses, gradient norms and evaluations of two runs agree to tol."""
+    a, b = params(a_dir), params(b_dir)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)       # whole tensors, not shards
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < tol, worst
+    la, lb = log_lines(a_dir), log_lines(b_dir)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for key in ("loss", "grad_norm", "eval/loss"):
+        xs = [r[key] for r in la if key in r]
+        assert xs and np.allclose(xs, [r[key] for r in lb if key in r], rtol=0, atol=tol), key
+
+
+def test_tensor_parallel_two_ranks_equals_one_process_and_resumes(corpus, tmp_path):
+    """--tp 2: each rank holds half the heads and half the FFN of every block; the losses, gradient norms
+    (clipped: they exceed --clip 1) and parameters are one process's to 1e-5, the checkpoint holds whole
+    tensors in the usual layout, and a resumed tensor-parallel run continues it."""
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "4", "--eval-every", "2", "--save-every", "0"]
+    one = run_cli([*common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    first = run_cli([*common, "--out", str(tmp_path / "tp"), "--tp", "2", "--stop-at-step", "2"], torchrun=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli([*common, "--out", str(tmp_path / "tp"), "--tp", "2", "--resume"], torchrun=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    _same_run(tmp_path / "one", tmp_path / "tp", 1e-5)
+    assert max(r["grad_norm"] for r in log_lines(tmp_path / "one") if "grad_norm" in r) > 1.0
+    import transformers
+    hf = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "tp"))         # the export is whole too
+    assert hf.config.num_attention_heads == 2
+
+
+def test_tensor_and_data_parallel_on_a_2x2_mesh_equal_accumulation(corpus, tmp_path):
+    """4 ranks = 2 replicas x 2 tensor-parallel ranks: the same optimisation as 1 process with 2 micro-batches."""
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "3", "--eval-every", "0", "--save-every", "0"]
+    one = run_cli([*common, "--out", str(tmp_path / "one"), "--grad-accum", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    mesh = run_cli([*common, "--out", str(tmp_path / "mesh"), "--tp", "2"], torchrun=4)
+    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    _same_run(tmp_path / "one", tmp_path / "mesh", 1e-5)
+
+
+def test_tensor_parallel_refuses_what_it_cannot_split(corpus, tmp_path):
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--out", str(tmp_path / "o"), "--tp", "2"])
+    assert res.returncode == 2 and "--tp 2: the world size 1 is not a multiple" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_is_exact(corpus, tmp_path, optimizer):
     common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "20", "--eval-every", "5", "--save-every", "0",
-              "--dropout", "0.1"]
+              "--dropout", "0.1", "--optimizer", optimizer]
     straight = pretrain.main([*common, "--out", str(tmp_path / "straight")])
     assert pretrain.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "10"])["preempted"]
     pretrain.main([*common, "--out", str(tmp_path / "split"), "--resume"])
