@@ -17,7 +17,20 @@ def atomic_write(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def make_readable(path):
+    """Give a written file the mode open() gives a new one: 0666 less the umask, usually 0644. safetensors
+    always writes 0600, which a server running as another user (deploy/Dockerfile) could not read."""
+    try:                                     # the umask without changing it (Linux); os.umask can only swap it
+        with open("/proc/self/status") as f:
+            mask = int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

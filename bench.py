@@ -2,6 +2,10 @@
 
     python bench.py --config all --task all --threads 2                  # the CPU table in docs/performance.md
     python bench.py --config base --task mlm --device cuda --amp bf16 --compile --seq-len 512
+    python bench.py --config all --task mlm --optimizer adafactor --threads 2   # our step with Adafactor
+
+Each result also holds "optimizer_state_mib": the bytes of AdamW's and of Adafactor's per-parameter state
+for our model, measured on the optimizers themselves after one step (optim.state_bytes).
 
 For each config and task it builds our model and the Hugging Face one with identical shapes, dropout
 (0.1 and on, unless `--dropout`) and AdamW hyper-parameters, then times the full training step (forward,
@@ -124,7 +128,8 @@ def build(impl, task, cfg, device):
                                   dropout=drop, attention_dropout=drop)
     if impl == "ours":
         model = M.LanguageModel(ecfg) if task == "mlm" else M.SequenceClassifier(ecfg, num_labels=2)
-        opt = trainer.build_optimizer(model, ADAMW["lr"], ADAMW["weight_decay"], ADAMW["betas"], ADAMW["eps"])
+        opt = trainer.build_optimizer(model, ADAMW["lr"], ADAMW["weight_decay"], ADAMW["betas"], ADAMW["eps"],
+                                      name=cfg.get("optimizer", "adamw"))
         if task == "mlm":
             loss_fn = lambda m, b: lm_loss(m, b) / b["num_targets"]
         else:
@@ -182,6 +187,22 @@ class Runner:
         return sum(t.numel() * t.element_size() for t in [*self.raw.parameters(), *state])
 
 
+def optimizer_state_mib(model) -> dict:
+    """MiB of optimizer state for `model` with AdamW and with Adafactor: each built by the trainer, given
+    one step (gradients of ones: the state's size does not depend on the values), then measured."""
+    import copy
+    from optim import state_bytes
+    sizes = {}
+    for name in ("adamw", "adafactor"):
+        clone = copy.deepcopy(model).cpu()
+        for p in clone.parameters():
+            p.grad = torch.ones_like(p)
+        opt = trainer.build_optimizer(clone, 1e-3, name=name)
+        opt.step()
+        sizes[name] = round(state_bytes(opt) / 2**20, 3)
+    return sizes
+
+
 # -----------------------------------------------------------------------------------------------------
 # memory on CPU: one subprocess per implementation
 
@@ -194,7 +215,8 @@ def rss_kib(field):
 def cpu_peak_mib(impl, config, task, seq_len, batch_size, args):
     cmd = [sys.executable, str(ROOT / "bench.py"), "--memory-of", impl, "--config", config, "--task", task,
            "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(args.threads), "--amp", args.amp, "--dropout", str(args.dropout)]
+           "--threads", str(args.threads), "--amp", args.amp, "--dropout", str(args.dropout),
+           "--optimizer", args.optimizer]
     cmd += ["--compile"] if args.compile else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -204,7 +226,7 @@ def memory_of(args):
     """Subprocess body: imports as the parent did, then 1 + 3 steps of one implementation."""
     import transformers  # noqa: F401  (the parent imported it too: same baseline)
     base = rss_kib("VmRSS")
-    cfg = dict(CONFIGS[args.config], dropout=args.dropout)
+    cfg = dict(CONFIGS[args.config], dropout=args.dropout, optimizer=args.optimizer)
     seq_len, batch_size = args.seq_len[0], args.batch_size[0]
     batches = mlm_batches(cfg, seq_len, batch_size) if args.task == "mlm" else cls_batches(cfg, seq_len, batch_size)[0]
     runner = Runner(args.memory_of, args.task, cfg, args)
@@ -233,7 +255,7 @@ def profile_ops(runner, batches, top, steps=2):
 
 
 def compare(config, task, seq_len, batch_size, args):
-    cfg = dict(CONFIGS[config], dropout=args.dropout)
+    cfg = dict(CONFIGS[config], dropout=args.dropout, optimizer=args.optimizer)
     seq_len, batch_size = seq_len or cfg["seq_len"], batch_size or cfg["batch_size"]
     if task == "mlm":
         batches, source = mlm_batches(cfg, seq_len, batch_size), "random-text"
@@ -251,7 +273,7 @@ def compare(config, task, seq_len, batch_size, args):
     fpt = trainer.flops_per_token(runners[0].raw, seq_len if task == "mlm" else
                                   round(statistics.mean(b["input_ids"].shape[1] for b in timed)))
     result = {"config": config, "task": task, "batch_size": batch_size, "seq_len": seq_len, "data": source,
-              "tokens_per_step": tokens}
+              "tokens_per_step": tokens, "optimizer_state_mib": optimizer_state_mib(runners[0].raw)}
     if task == "cls":
         result["padded_tokens_per_step"] = statistics.mean(b["padded_tokens"] for b in timed)
     for r in runners:
@@ -289,6 +311,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory subprocesses")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also list the N busiest operators of a step")
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
+                   help="our model's optimizer (Hugging Face's stays AdamW); adafactor: optim.py")
     p.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -318,7 +342,7 @@ def main(argv=None):
     tasks = ["mlm", "cls"] if args.task == "all" else [args.task]
     env = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(args.device),
            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(), "amp": args.amp,
-           "dropout": args.dropout, "compile": args.compile, "steps": args.steps, "warmup": args.warmup}
+           "dropout": args.dropout, "compile": args.compile, "optimizer": args.optimizer, "steps": args.steps, "warmup": args.warmup}
     results = []
     for c in configs:
         for t in tasks:

@@ -1,5 +1,5 @@
-"""Evaluation metrics as plain numpy: classification, correlation, perplexity, entity F1 (NER), SQuAD's exact
-match and F1 (QA), and a printed table.
+"""Evaluation metrics as plain numpy: classification, correlation, perplexity, BLEU/ROUGE, entity F1 (NER),
+SQuAD's exact match and F1 (QA), and a printed table.
 
 No torch and no scikit-learn: every metric is a few lines of arithmetic on arrays, so it can be read
 and checked by hand (tests/test_metrics.py does, and against scipy where it is installed).
@@ -244,6 +244,140 @@ def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict:
     em = [max(squad_exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)]
     f1 = [max(squad_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
     return {"exact_match": 100 * float(np.mean(em)) if em else 0.0, "f1": 100 * float(np.mean(f1)) if f1 else 0.0}
+# generated text against references: BLEU (sacrebleu's corpus_bleu) and ROUGE (Google's rouge-score),
+# written out here; tests/test_metrics.py checks both against those libraries to 1e-6
+
+
+def ngrams(tokens, n) -> Counter:
+    """Counts of the n-grams (tuples of n consecutive tokens) of a token list."""
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),   # punctuation and symbols apart
+        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),                   # . and , apart unless after a digit
+        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),                   # ... or before one (3.5, 1,000 stay)
+        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]                         # a dash after a digit
+
+
+def tokenize_13a(text: str) -> list[str]:
+    """mteval-v13a's tokenization, the WMT standard and sacrebleu's default: split off punctuation."""
+    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        text = text.replace(entity, char)
+    text = f" {text} "
+    for pattern, repl in _13A:
+        text = pattern.sub(repl, text)
+    return text.split()
+
+
+BLEU_SMOOTHING = {"none": None, "floor": 0.1, "add-k": 1.0, "exp": None}   # default value of each
+
+
+def corpus_bleu(hypotheses, references, smooth: str = "exp", smooth_value=None, tokenize: str = "13a",
+                max_order: int = 4) -> dict:
+    """Corpus BLEU (Papineni et al. 2002) as sacrebleu computes it, on a 0-100 scale.
+
+    hypotheses: N strings; references: one list of N strings per reference set (sacrebleu's layout).
+    Counts are summed over the whole corpus before any ratio is taken, so BLEU is not a mean of sentence
+    scores. tokenize: "13a" (sacrebleu's default) or "none" (split on whitespace). smooth: what to do with
+    an n-gram order that matched nothing (its log would be -inf): "none", "floor", "add-k", "exp"."""
+    if smooth not in BLEU_SMOOTHING:
+        raise ValueError(f"smooth must be one of {', '.join(BLEU_SMOOTHING)}, got {smooth!r}")
+    split = {"13a": tokenize_13a, "none": str.split}[tokenize]
+    for refs in references:
+        _same_length(hypotheses, refs)
+    k = BLEU_SMOOTHING[smooth] if smooth_value is None else smooth_value
+    matches, totals, hyp_len, ref_len = [0] * max_order, [0] * max_order, 0, 0
+    for i, hyp in enumerate(hypotheses):
+        h, rs = split(hyp.rstrip()), [split(refs[i].rstrip()) for refs in references]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]     # the closest reference; shorter on ties
+        for n in range(1, max_order + 1):
+            counts, most = ngrams(h, n), Counter()
+            for r in rs:
+                most |= ngrams(r, n)                                      # each n-gram's most in any reference
+            # p_n = sum min(count_hyp(g), max_ref count_ref(g)) / sum count_hyp(g)  [eq:bleu-precision]
+            matches[n - 1] += sum(min(c, most[g]) for g, c in counts.items())
+            totals[n - 1] += sum(counts.values())
+    # BP = 1 if c > r else exp(1 - r / c), c and r the hypothesis and reference lengths  [eq:brevity-penalty]
+    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0
+    precisions, doubling = [], 1.0
+    for n, (m, t) in enumerate(zip(matches, totals), start=1):
+        # smoothing of an order with no match (Chen & Cherry 2014, sacrebleu's names)  [eq:bleu-smoothing]
+        if smooth == "add-k" and n > 1:
+            m, t = m + k, t + k                                           # add k to both counts, n >= 2
+        if t == 0 or (m == 0 and smooth == "none"):
+            p = 0.0
+        elif m == 0 and smooth == "floor":
+            p = k / t                                                     # a floor of k matches
+        elif m == 0 and smooth == "exp":
+            doubling *= 2
+            p = 1 / (doubling * t)                                        # 1/2, 1/4, ... of a match (mteval)
+        else:
+            p = m / t
+        precisions.append(p)
+    # BLEU = BP * exp((1/N) sum_n log p_n), the geometric mean of the N precisions  [eq:bleu]
+    bleu = bp * math.exp(sum(math.log(p) for p in precisions) / max_order) if any(matches) and all(precisions) else 0.0
+    return {"bleu": 100 * bleu, "precisions": [100 * p for p in precisions], "bp": bp, "hyp_len": hyp_len,
+            "ref_len": ref_len}
+
+
+def rouge_tokenize(text: str, stem: bool = False) -> list[str]:
+    """rouge-score's tokenizer: lower-case, anything not a-z0-9 is a space; optionally the Porter stem of
+    each word longer than 3 letters (nltk's stemmer, which rouge-score itself uses)."""
+    tokens = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    if stem:
+        from nltk.stem.porter import PorterStemmer
+        stemmer = _STEMMER.setdefault("porter", PorterStemmer())
+        tokens = [t for t in (stemmer.stem(t) if len(t) > 3 else t for t in tokens) if re.fullmatch("[a-z0-9]+", t)]
+    return tokens
+
+
+_STEMMER = {}
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def rouge_n(hyp: list[str], ref: list[str], n: int) -> float:
+    """ROUGE-N F1 of one token list against one reference: n-gram overlap over each side's n-gram count.
+    P = |ngrams(h) & ngrams(r)| / |ngrams(h)|,  R = |ngrams(h) & ngrams(r)| / |ngrams(r)|,  F1 = 2PR/(P+R)
+    (a multiset intersection; an empty side scores 0)  [eq:rouge-n]"""
+    h, r = ngrams(hyp, n), ngrams(ref, n)
+    overlap = sum((h & r).values())
+    return _f1(overlap / max(sum(h.values()), 1), overlap / max(sum(r.values()), 1))
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence (in order, not necessarily adjacent), one DP row at a time."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag, row[0] = 0, 0
+        for j, y in enumerate(b, start=1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(hyp: list[str], ref: list[str]) -> float:
+    """ROUGE-L F1: P = LCS(h, r) / |h|, R = LCS(h, r) / |r|, F1 = 2PR/(P+R); 0 if either is empty.  [eq:rouge-l]"""
+    if not hyp or not ref:
+        return 0.0
+    lcs = lcs_length(hyp, ref)
+    return _f1(lcs / len(hyp), lcs / len(ref))
+
+
+def rouge(hypotheses, references, stem: bool = False) -> dict:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (0-1) over (hypothesis, reference) string pairs, as rouge-score's
+    RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=stem) scores each pair."""
+    _same_length(hypotheses, references)
+    scores = {"rouge1": [], "rouge2": [], "rougeL": []}
+    for hyp, ref in zip(hypotheses, references):
+        h, r = rouge_tokenize(hyp, stem), rouge_tokenize(ref, stem)
+        scores["rouge1"].append(rouge_n(h, r, 1))
+        scores["rouge2"].append(rouge_n(h, r, 2))
+        scores["rougeL"].append(rouge_l(h, r))
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in scores.items()}
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -122,11 +122,17 @@ class Embeddings(nn.Module):
         self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "post" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        """position_ids (B, T): where each token sits, when not 0..T-1 (left padding, a KV cache)."""
         B, T = input_ids.shape
-        if T > self.pos.num_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position {self.pos.num_embeddings}")
-        x = self.tok(input_ids) + self.pos.weight[:T]                    # (B, T, C) + (T, C)
+        if position_ids is None:
+            if T > self.pos.num_embeddings:
+                raise ValueError(f"sequence length {T} exceeds max_position {self.pos.num_embeddings}")
+            x = self.tok(input_ids) + self.pos.weight[:T]                # (B, T, C) + (T, C)
+        else:
+            if int(position_ids.max()) >= self.pos.num_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} exceeds max_position {self.pos.num_embeddings}")
+            x = self.tok(input_ids) + self.pos(position_ids)             # (B, T, C) + (B, T, C)
         x = x + (self.seg(token_type_ids) if token_type_ids is not None else self.seg.weight[0])
         return self.drop(self.norm(x))
 
@@ -175,6 +181,56 @@ class Unpadded:
         return torch.searchsorted(self.real, flat)
 
 
+def left_padded_positions(attention_mask):
+    """(B, S) 1/0 mask -> (B, S) position of each token counted from its row's first real token, so a
+    left-padded prompt sees the positions it would alone (padding gets 0; it is masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LayerKV:
+    """One layer's cached keys and values, K and V each (B, nh, S, hs) over the S positions so far."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Add the T new positions' (B, nh, T, hs) keys/values; return all of them, (B, nh, S, hs) each."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of every position decoded so far, so that each new token runs the stack on itself
+    alone instead of on the whole prefix again.
+
+    Causal attention only: the key and value at position s depend on tokens <= s alone, so they never change
+    once computed, and the new query t needs K_{1..t}, V_{1..t} = [cached; new].  [eq:kv-cache]
+    (With bidirectional attention a new token changes every earlier state, so nothing could be kept.)
+        layers[i]: LayerKV of block i;   attention_mask: (B, S), 1 for real tokens, 0 for left padding
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        if not cfg.causal:
+            raise ValueError("a KV cache needs a causal model (config.causal=True): with bidirectional "
+                             "attention every new token changes the states of all earlier ones")
+        self.layers = [LayerKV() for _ in range(cfg.num_layers)]
+        self.attention_mask = None
+
+    def extend(self, attention_mask, input_ids):
+        """Record the T new tokens' mask (B, T) (None: all real) and return, for them, which of all S keys
+        each query sees, (B, 1, T, S), and their position ids (B, T)."""
+        B, T = input_ids.shape
+        new = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        self.attention_mask = new if self.attention_mask is None else torch.cat([self.attention_mask, new], dim=1)
+        S = self.attention_mask.shape[1]
+        causal = torch.ones(T, S, dtype=torch.bool, device=new.device).tril(S - T)   # new query i sits at S-T+i
+        mask = self.attention_mask.bool()[:, None, None, :] & causal                  # (B, 1, T, S)
+        mask = mask | ~mask.any(-1, keepdim=True)           # a padding query seeing no key: open all, no NaN
+        return mask, left_padded_positions(self.attention_mask)[:, S - T:]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. One fused projection makes Q, K and V in a single matmul."""
 
@@ -194,18 +250,21 @@ class SelfAttention(nn.Module):
         # while one is set the explicit path runs, as SDPA does not return them. None = nothing recorded.
         self.record = None
 
-    def forward(self, x, mask, layout=None):
+    def forward(self, x, mask, layout=None, cache=None):
         """x (B, T, C) and the bool mask of visible keys (or None: all); with an Unpadded layout, x is the
-        packed real rows (N, C), re-padded around the attention itself."""
+        packed real rows (N, C), re-padded around the attention itself. cache: this layer's LayerKV when
+        decoding with a KVCache (the mask then covers all S keys, cached and new)."""
         if layout is not None:
             return self.proj(layout.pack(self.attend(layout.unpack(self.qkv(x)), mask)))   # (N, C)
-        return self.proj(self.attend(self.qkv(x), mask))
+        return self.proj(self.attend(self.qkv(x), mask, cache))
 
-    def attend(self, qkv, mask):
+    def attend(self, qkv, mask, cache=None):
         """The per-head attention of the fused projections qkv (B, T, 3C) -> (B, T, C), heads concatenated."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)                                    # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)                                    # (B, nh, S, hs): the past + these T
         if self.prefix is not None:
             k, v, mask = with_prefix(self.prefix(), k, v, mask)          # keys: [prefix; x], (B, nh, P+T, hs)
         p_drop = self.dropout if self.training else 0.0
@@ -213,7 +272,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
         else:
             # Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + M) V, M = -inf where a key is hidden  [eq:attention]
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T), or (B, nh, T, S) cached
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.softmax(dim=-1)
@@ -264,15 +323,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_norm = cfg.norm == "pre"
 
-    def forward(self, x, mask, layout=None, rows=None):
-        """mask, layout: as SelfAttention takes them. rows: flat indices of the only output rows wanted, or
-        None for all. Everything after attention acts on each row alone, so it runs on those M rows only and
-        the result is (M, C)."""
+    def forward(self, x, mask, layout=None, rows=None, cache=None):
+        """mask, layout, cache: as SelfAttention takes them. rows: flat indices of the only output rows
+        wanted, or None for all. Everything after attention acts on each row alone, so it runs on those M
+        rows only and the result is (M, C)."""
         if self.pre_norm:
-            a = self.attn(self.attn_norm(x), mask, layout)
+            a = self.attn(self.attn_norm(x), mask, layout, cache)
             x = select(x, rows) + self.drop(select(a, rows))
             return x + self.drop(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(select(x, rows) + self.drop(select(self.attn(x, mask, layout), rows)))
+        x = self.attn_norm(select(x, rows) + self.drop(select(self.attn(x, mask, layout, cache), rows)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
@@ -292,20 +351,26 @@ class Encoder(nn.Module):
                                     for i in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else nn.Identity()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None, rows=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None, rows=None,
+                position_ids=None, cache=None):
         """`embeddings`: the output of self.embed, passed in by adversarial training after it adds δ.
         `rows`: flat indices into B*T of the only outputs wanted (MLM: the masked positions), or None. The
-        last block then runs its position-wise part on those rows alone, and the result is (M, C)."""
-        x = self.embed(input_ids, token_type_ids) if embeddings is None else embeddings  # (B, T, C)
-        layout = None
-        if self.config.unpad and attention_mask is not None:
+        last block then runs its position-wise part on those rows alone, and the result is (M, C).
+        `cache`: a KVCache (causal models): input_ids are then only the T new tokens after the cached ones."""
+        if cache is not None:
+            mask, position_ids = cache.extend(attention_mask, input_ids)   # (B, 1, T, S), (B, T)
+        x = self.embed(input_ids, token_type_ids, position_ids) if embeddings is None else embeddings  # (B, T, C)
+        layout, layer_kv = None, cache.layers if cache is not None else [None] * len(self.blocks)
+        if cache is not None:
+            pass                                                         # the mask came from the cache
+        elif self.config.unpad and attention_mask is not None:
             layout = Unpadded(attention_mask, self.config.causal)        # padding rows come back as 0
             x, mask = layout.pack(x), layout.mask                        # (N, C): the real tokens only
             rows = None if rows is None else layout.packed_index(rows)
         else:
             mask = visible_keys(attention_mask, x.shape[1], self.config.causal, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, layout, rows if i == len(self.blocks) - 1 else None)
+            x = block(x, mask, layout, rows if i == len(self.blocks) - 1 else None, layer_kv[i])
         x = self.final_norm(x)
         return layout.unpack(x) if layout is not None and rows is None else x   # (B, T, C) or (M, C)
 
@@ -346,13 +411,16 @@ class LanguageModel(nn.Module):
         self.lm_head = LMHead(cfg, self.encoder.embed.tok)
         self.apply(init_weights)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, targets=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, targets=None,
+                position_ids=None, cache=None):
         """positions: flat indices into B*T where the logits are wanted; the last block and the head then
         run on those M rows alone (MLM: ~15% of them). targets: the id to predict at each of those rows
         (B*T or M of them, -100 for none); when given, returns (logits, summed cross-entropy). The loss is
         taken here, inside the module, as nanoGPT's GPT.forward(idx, targets) does: torch.compile then fuses
-        the log-softmax over the vocabulary with the head, instead of a dozen eager passes over the logits."""
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids, rows=positions)  # (B, T, C) or (M, C)
+        the log-softmax over the vocabulary with the head, instead of a dozen eager passes over the logits.
+        position_ids (B, T): each token's position (left padding); cache: a KVCache (generate.py)."""
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, rows=positions,
+                              position_ids=position_ids, cache=cache)    # (B, T, C) or (M, C)
         logits = self.lm_head(hidden)                                     # (B, T, V) or (M, V)
         if targets is None:
             return logits

@@ -195,19 +195,6 @@ def evaluate(model, batches, dist_env, prefix=""):
     return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50)), f"{prefix}accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompt_ids, new_tokens=40, temperature=0.8, top_k=40, generator=None):
-    """Continue a prompt with a causal LM: sample from the top-k of softmax(logits / temperature)."""
-    ids = torch.tensor([prompt_ids])
-    max_len = model.config.max_position
-    for _ in range(new_tokens):
-        logits = model(ids[:, -max_len:])[0, -1] / temperature                # (V,)
-        top = torch.topk(logits, top_k)
-        choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
-        ids = torch.cat([ids, top.indices[choice].view(1, 1)], dim=1)
-    return tokenizer.decode(ids[0, len(prompt_ids):].tolist())
-
-
 # -----------------------------------------------------------------------------------------------------
 # continued pre-training (--init): domain- and task-adaptive pre-training, Gururangan et al. 2020
 
@@ -274,6 +261,10 @@ def parse_args(argv=None):
                    "--mask-rate; fix it, e.g. 0.15, to compare runs trained at different rates)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
+    p.add_argument("--eval-generate", type=int, default=None, metavar="K", help="CLM: at each evaluation, "
+                   "greedy-continue the first K tokens of held-out windows by K tokens and log BLEU and ROUGE-L "
+                   "against the true ones (default 16, 0: off)")
+    p.add_argument("--eval-generate-windows", type=int, default=16, metavar="N", help="windows for --eval-generate")
     # defaults: a tiny model that visibly learns in a few minutes on a laptop CPU; real runs set these
     trainer.add_training_args(p, out="out/pretrain", max_steps=500, batch_size=32, lr=1e-3, warmup=0.05,
                               eval_every=100, save_every=250)
@@ -294,12 +285,19 @@ def parse_args(argv=None):
         trainer.fail(f"--seed {args.seed}: expected a non-negative integer")
     if args.seq_len < 2:
         trainer.fail(f"--seq-len {args.seq_len}: expected at least 2")
+    if args.eval_generate is not None and args.eval_generate and args.objective != "clm":
+        trainer.fail(f"--eval-generate {args.eval_generate}: only a causal LM (--objective clm) continues text")
+    if args.eval_generate is None:
+        args.eval_generate = min(16, args.seq_len // 2) if args.objective == "clm" else 0
+    if not 0 <= 2 * args.eval_generate <= args.seq_len or args.eval_generate_windows < 1:
+        trainer.fail(f"--eval-generate {args.eval_generate} --eval-generate-windows {args.eval_generate_windows}: "
+                     f"expected K in 0..{args.seq_len // 2} (prompt and continuation fit in --seq-len) and N >= 1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_env = trainer.Dist(args.device)
+    dist_env = trainer.Dist(args.device, tp=args.tp)
     try:
         return run(args, dist_env)
     except (ValueError, FileNotFoundError) as e:      # bad input: one line, no traceback
@@ -342,7 +340,7 @@ def run(args, dist_env):
         if extra.vocab_size != shards.vocab_size:
             raise ValueError(f"--eval-data {folder}: vocab_size {extra.vocab_size} differs from --data's {shards.vocab_size}")
         eval_sets.append((os.path.basename(os.path.normpath(folder)) + "/", make(extra.val)))
-    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.rank, dist_env.world_size)])
+    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.data_rank, dist_env.data_world)])
                     for prefix, d in eval_sets]
 
     class Data:   # the training stream, tagged with the objective for lm_loss
@@ -368,10 +366,17 @@ def run(args, dist_env):
         print(f"{args.objective} pre-training: {note}, {n / 1e6:.2f}M parameters, "
               f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}")
 
+    # CLM: the first held-out windows, the same on every rank, so all ranks run (and log) the same generation
+    gen_windows = torch.cat([b["input_ids"] for b in val_data.eval_batches(
+        math.ceil(args.eval_generate_windows / args.batch_size), 0, 1)])[:args.eval_generate_windows] if causal else None
+
     def eval_fn(m):
         out = {}
         for prefix, batches in eval_batches:
             out.update(evaluate(m, batches, dist_env, prefix))
+        if args.eval_generate:
+            from generate import continuation_scores
+            out.update(continuation_scores(m, gen_windows, args.eval_generate, tok))
         return out
 
     def on_save(m):
@@ -380,12 +385,12 @@ def run(args, dist_env):
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
                            extra_state={"model_config": cfg.to_dict()})
     if dist_env.is_main and causal and args.sample and not result["preempted"]:
-        g = torch.Generator().manual_seed(args.seed)
+        from generate import generate
         model.eval().cpu()
-        for b in eval_batches[0][1][:1]:
-            for row in b["input_ids"][: args.sample]:
-                prompt = row[:16].tolist()
-                print(f"--- {tok.decode(prompt)!r} ->\n{sample(model, tok, prompt, generator=g)}")
+        prompts = [row[:16].tolist() for row in gen_windows[: args.sample]]
+        outs = generate(model, prompts, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(args.seed))
+        for prompt, new in zip(prompts, outs):
+            print(f"--- {tok.decode(prompt)!r} ->\n{tok.decode(new)}")
     return result
 
 

@@ -13,8 +13,11 @@ Read beside docs/deployment.md. The path of a request:
         -> one forward pass for many requests, in a worker thread -> each request gets its rows back
 
 Every error is JSON, {"error": "..."}: 401 no or wrong token, 413 body or text count over the limit, 422
-malformed JSON or wrong types or a text too long. One JSON log line per request (no request text unless
---log-text). SIGTERM / SIGINT: stop accepting, finish the requests in flight (their batches run), then exit.
+malformed JSON or wrong types or a text too long or not encodable, 500 only for the request whose own
+forward pass fails (a failing batch is retried request by request). /healthz answers 503 when the model
+fails a probe. One JSON log line per request (no request text unless --log-text; personal data masked with
+--redact); writing it never raises. SIGTERM / SIGINT at any moment after the 'listening' line: stop
+accepting, finish the requests in flight (their batches run), then exit 0.
 """
 import argparse
 import asyncio
@@ -30,7 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
+
 from predict import InputError, Predictor
+from redact import redact_values
 
 PATHS = ("/predict", "/explain", "/healthz", "/metrics")        # metric labels: any other path counts as "other"
 
@@ -56,6 +62,10 @@ def parse_predict(body: bytes, limits: Limits, needs_pairs: bool) -> tuple[list[
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(422, f"the body is not valid JSON ({e})") from None
+    except RecursionError:                  # [[[[...]]]] thousands deep: the parser runs out of stack
+        raise RequestError(422, "the body nests JSON too deeply") from None
+    except ValueError as e:                 # an integer of more than 4,300 digits (sys.int_info)
+        raise RequestError(422, f"the body holds a number too long to read ({str(e).split(';')[0]})") from None
     if not isinstance(data, dict) or "texts" not in data:
         raise RequestError(422, 'expected a JSON object {"texts": [...]} (optionally with "pairs": [...])')
     unknown = sorted(set(data) - {"texts", "pairs"})
@@ -74,6 +84,11 @@ def parse_predict(body: bytes, limits: Limits, needs_pairs: bool) -> tuple[list[
                 raise RequestError(422, f"{name}[{i}] is {type(t).__name__}, expected a string")
             if len(t) > limits.max_chars:
                 raise RequestError(422, f"{name}[{i}] has {len(t)} characters; the limit is {limits.max_chars}")
+            try:        # JSON may spell a lone surrogate ("\ud800"); no tokenizer, log or file can encode it
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(422, f"{name}[{i}] holds a lone surrogate U+{ord(t[e.start]):04X} at character "
+                                        f"{e.start}: not valid Unicode text") from None
     if pairs is not None and len(pairs) != len(texts):
         raise RequestError(422, f"got {len(texts)} texts but {len(pairs)} pairs")
     if needs_pairs and pairs is None:
@@ -143,6 +158,8 @@ class Metrics:
     def __init__(self):
         self.requests: dict[tuple[str, int], int] = {}
         self.errors = self.texts = self.in_flight = 0
+        self.queue_depth = 0            # set when scraped: requests waiting in the batcher's queue
+        self.model_loaded = 0           # set by the batcher: 1 while the model answers a probe with finite numbers
         self.latency = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256))
 
@@ -166,6 +183,10 @@ class Metrics:
         lines += [f"plainbert_texts_total {self.texts}"]
         lines += head("plainbert_requests_in_flight", "gauge", "POST /predict requests received and not yet answered.")
         lines += [f"plainbert_requests_in_flight {self.in_flight}"]
+        lines += head("plainbert_queue_depth", "gauge", "POST /predict requests waiting for a forward pass.")
+        lines += [f"plainbert_queue_depth {self.queue_depth}"]
+        lines += head("plainbert_model_loaded", "gauge", "1 if the model is loaded and gives finite outputs, else 0.")
+        lines += [f"plainbert_model_loaded {self.model_loaded}"]
         lines += head("plainbert_request_latency_seconds", "histogram", "POST /predict latency, arrival to response.")
         lines += self.latency.lines("plainbert_request_latency_seconds")
         lines += head("plainbert_batch_size", "histogram", "Texts per forward pass (micro-batches of requests).")
@@ -181,18 +202,42 @@ class MicroBatcher:
     """Concurrent requests wait in a queue; the first one opens a batch, which takes more until it holds
     max_batch texts or max_wait has passed; then one forward pass runs in a worker thread (the event loop
     keeps accepting meanwhile) and each request gets its own rows back. A request is never split, and a
-    batch never mixes requests with and without pairs: one that does not fit opens the next batch."""
+    batch never mixes requests with and without pairs: one that does not fit opens the next batch.
+
+    One request cannot fail another's: when a batch fails, each of its requests is run again alone, so
+    only the one that fails alone gets the error. A failure alone probes the model with a known text;
+    `problem` (None when healthy) is what /healthz and plainbert_model_loaded report."""
+
+    PROBE = "health check"
 
     def __init__(self, predictor: Predictor, max_batch: int, max_wait_s: float, metrics: Metrics):
         self.predictor, self.max_batch, self.max_wait, self.metrics = predictor, max_batch, max_wait_s, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")   # one forward at a time
         self.task = None
+        self.problem: str | None = "not probed yet"
 
     async def predict(self, texts: list[str], pairs: list[str] | None) -> list[dict]:
         done = asyncio.get_running_loop().create_future()
         await self.queue.put((texts, pairs, done))
         return await done
+
+    def _rows(self, texts, pairs) -> list[dict]:
+        """In the worker thread: the forward pass, refused (ValueError) if it gives NaN or infinity."""
+        out = self.predictor(texts, pairs)
+        if not np.isfinite(out).all():
+            raise ValueError("the model gave non-finite outputs (NaN or infinity)")
+        return self.predictor.describe(out)
+
+    async def probe(self):
+        """Run the model on one known text; set `problem` and the plainbert_model_loaded gauge."""
+        try:
+            pair = [self.PROBE] if self.predictor.needs_pairs else None
+            await asyncio.get_running_loop().run_in_executor(self.pool, self._rows, [self.PROBE], pair)
+            self.problem = None
+        except Exception as e:
+            self.problem = f"the model fails on a probe text: {type(e).__name__}: {e}"
+        self.metrics.model_loaded = int(self.problem is None)
 
     def start(self):
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -222,20 +267,31 @@ class MicroBatcher:
                     break
                 batch.append(item)
                 n += len(item[0])
-            await self._forward(batch)
+            try:
+                await self._forward(batch)
+            except Exception as e:          # a bug here must not end the loop: later requests would wait forever
+                log({"event": "error", "where": "batcher", "error": f"{type(e).__name__}: {e}"})
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
 
     async def _forward(self, batch):
         texts = [t for item in batch for t in item[0]]
         pairs = None if batch[0][1] is None else [p for item in batch for p in item[1]]
         self.metrics.batch.observe(len(texts))
-        work = lambda: self.predictor.describe(self.predictor(texts, pairs))
         try:
-            rows = await asyncio.get_running_loop().run_in_executor(self.pool, work)
-        except Exception as e:                                  # every request of the batch gets the error
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_exception(e)
+            rows = await asyncio.get_running_loop().run_in_executor(self.pool, self._rows, texts, pairs)
+        except Exception as e:
+            if len(batch) > 1:                                  # find the culprit: each request alone
+                for item in batch:
+                    if not item[2].done():                      # (a client that left is not retried)
+                        await self._forward([item])
+                return
+            if not batch[0][2].done():
+                batch[0][2].set_exception(e)
+            await self.probe()                                  # its input, or the model?
             return
+        self.problem, self.metrics.model_loaded = None, 1
         start = 0
         for item_texts, _, done in batch:
             if not done.done():                                 # a client that left has a cancelled future
@@ -247,17 +303,27 @@ class MicroBatcher:
 # the app
 
 
-def log(record: dict):
+def log(record: dict, redact: bool = False):
+    """One JSON line on stdout. Never raises: a log line must not fail the request it describes."""
     record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")} | record
-    print(json.dumps(record, ensure_ascii=False), flush=True)
+    try:
+        if redact:
+            record = redact_values(record)
+        try:
+            print(json.dumps(record, ensure_ascii=False, default=repr), flush=True)
+        except UnicodeEncodeError:          # a character stdout's encoding lacks: \uXXXX escapes are ASCII
+            print(json.dumps(record, ensure_ascii=True, default=repr), flush=True)
+    except Exception as e:                  # stdout closed, a full disk, ...: say so on stderr if it can
+        with contextlib.suppress(Exception):
+            print(f"serve.py: cannot write a log line ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 class Observe:
     """ASGI middleware around the whole app: for every HTTP request, its metrics and one JSON log line.
     The /predict handler leaves n_texts (and the texts, for --log-text) in scope["plainbert"]."""
 
-    def __init__(self, app, metrics: Metrics, log_text: bool):
-        self.app, self.metrics, self.log_text = app, metrics, log_text
+    def __init__(self, app, metrics: Metrics, log_text: bool, redact: bool = False):
+        self.app, self.metrics, self.log_text, self.redact = app, metrics, log_text, redact
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -282,12 +348,16 @@ class Observe:
                       "latency_ms": round(seconds * 1000, 3), "n_texts": seen.get("n_texts", 0)}
             if self.log_text and "texts" in seen:
                 record["texts"] = seen["texts"]
-            log(record)
+            log(record, self.redact)
 
 
 def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batch: int = 32,
-               max_wait_ms: float = 5.0, log_text: bool = False):
-    """The ASGI app (FastAPI inside Observe). token None: no auth (--insecure)."""
+               max_wait_ms: float = 5.0, log_text: bool = False, protect_metrics: bool = False,
+               redact: bool = False, redact_inputs: bool = False):
+    """The ASGI app (FastAPI inside Observe). token None: no auth (--insecure). protect_metrics: /metrics
+    needs the token, and /healthz without it says only its status. redact: mask personal data in the log
+    lines; redact_inputs: in the texts before the model too (and so in the log)."""
+    from redact import redact as mask
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
@@ -299,6 +369,9 @@ def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batc
     async def lifespan(app):
         state["batcher"] = MicroBatcher(predictor, max_batch, max_wait_ms / 1000, metrics)
         state["batcher"].start()
+        await state["batcher"].probe()     # before the first request: /healthz tells the truth from the start
+        if state["batcher"].problem:
+            log({"event": "unhealthy", "error": state["batcher"].problem}, redact)
         yield
         await state["batcher"].stop()      # uvicorn has already waited for the requests in flight
 
@@ -315,14 +388,20 @@ def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batc
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
-        log({"event": "error", "path": request.url.path, "error": f"{type(e).__name__}: {e}"})
+        log({"event": "error", "path": request.url.path, "error": f"{type(e).__name__}: {e}"}, redact)
         return JSONResponse({"error": "internal error while predicting"}, status_code=500)
+
+    def has_token(request) -> bool:
+        return token is None or authorized(request.headers.get("authorization"), token)
 
     @app.post("/predict")
     async def predict(request: Request):
-        if token is not None and not authorized(request.headers.get("authorization"), token):
+        if not has_token(request):
             raise RequestError(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
         texts, pairs = parse_predict(await read_body(request, limits.max_body_bytes), limits, predictor.needs_pairs)
+        if redact_inputs:
+            texts = [mask(t) for t in texts]
+            pairs = None if pairs is None else [mask(p) for p in pairs]
         request.scope["plainbert"].update(n_texts=len(texts), texts=texts)
         return {"predictions": await state["batcher"].predict(texts, pairs)}
 
@@ -341,14 +420,22 @@ def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batc
             raise RequestError(422, str(e)) from None
 
     @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "task": predictor.task, "labels": predictor.labels}
+    async def healthz(request: Request):
+        """200 while the model answers, 503 (load balancers and Kubernetes take the replica out) if not."""
+        problem = state["batcher"].problem
+        body = {"status": "ok"} if problem is None else {"status": "unavailable", "error": problem}
+        if not protect_metrics or has_token(request):   # the task and labels only to those who may know
+            body |= {"task": predictor.task, "labels": predictor.labels}
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
     @app.get("/metrics")
-    async def metrics_endpoint():
+    async def metrics_endpoint(request: Request):
+        if protect_metrics and not has_token(request):
+            raise RequestError(401, "--protect-metrics: /metrics needs the bearer token (Authorization: Bearer <token>)")
+        metrics.queue_depth = state["batcher"].queue.qsize()
         return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Observe(app, metrics, log_text)
+    return Observe(app, metrics, log_text, redact or redact_inputs)
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -405,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads for the forward pass (default: torch's)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on shutdown")
     p.add_argument("--log-text", action="store_true", help="also log each request's texts (off: they may be private)")
+    p.add_argument("--redact", action="store_true",
+                   help="mask e-mail addresses, phone and card numbers and URLs in every log line (redact.py)")
+    p.add_argument("--redact-inputs", action="store_true",
+                   help="mask them in the texts before the model too (implies --redact)")
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="/metrics needs the token; /healthz without it gives only its status (for probes)")
     return p
 
 
@@ -425,6 +518,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         token = read_token(args)
+        if args.protect_metrics and token is None:
+            raise InputError("--protect-metrics needs a token (PLAINBERT_TOKEN or --token-file), not --insecure")
         for flag in ("max_batch", "max_body_bytes", "max_texts", "max_chars"):
             if getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
@@ -442,13 +537,16 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     limits = Limits(args.max_body_bytes, args.max_texts, args.max_chars)
-    app = create_app(predictor, token, limits, args.max_batch, args.max_wait_ms, args.log_text)
+    app = create_app(predictor, token, limits, args.max_batch, args.max_wait_ms, args.log_text,
+                     args.protect_metrics, args.redact, args.redact_inputs)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=args.graceful_timeout))
-    # uvicorn takes SIGTERM/SIGINT for its graceful shutdown and re-raises the signal when done; these
-    # no-op handlers then receive it, so a graceful stop exits with status 0.
+    # uvicorn takes SIGTERM/SIGINT for its graceful shutdown, but only once server.run has installed its
+    # handlers. A signal before that (just after the 'listening' line) reaches these: they ask uvicorn to
+    # stop, which it does right after starting up. When done, uvicorn puts these back and re-raises the
+    # signal it caught; here that is harmless, so a graceful stop exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     host, port = sock.getsockname()[:2]
     log({"event": "listening", "host": host, "port": port, "model": args.model, "auth": token is not None,
          "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms})

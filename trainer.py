@@ -54,12 +54,16 @@ class TrainConfig:
     lr: float = flag(5e-4, "peak learning rate", type=float)
     weight_decay: float = flag(0.01, "AdamW decoupled weight decay (not on biases/norms)", type=float)
     beta2: float = flag(0.98, "AdamW beta2 (beta1 = 0.9)", type=float)
+    optimizer: str = flag("adamw", "adafactor (optim.py): factored second moments, no first moment; --lr is then "
+                          "the cap on its relative step (the paper's 1e-2)", choices=["adamw", "adafactor"])
     warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
     schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
     clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
     amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])
     compile: bool = flag(False, "torch.compile the model", action="store_true")
     fsdp: bool = flag(False, "shard parameters with FSDP2 fully_shard (under torchrun)", action="store_true")
+    tp: int = flag(1, "tensor-parallel ranks per model replica (parallel.py); the world size must be a "
+                   "multiple, the rest is data parallelism", type=int)
     eval_every: int = flag(200, "evaluate every N steps (0: only at the end)", type=int)
     save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", type=int)
     log_every: int = flag(10, "write a metrics.jsonl line every N steps", type=int)
@@ -100,7 +104,10 @@ def fail(msg: str):
 
 
 class Dist:
-    def __init__(self, device: str = "auto"):
+    """This process's place: rank / world_size over all processes; data_rank / data_world over the model
+    replicas (the same unless --tp > 1, where tp neighbouring ranks share one replica and one batch)."""
+
+    def __init__(self, device: str = "auto", tp: int = 1):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -114,11 +121,29 @@ class Dist:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
+        self.tp, self.mesh, self.data_group = tp, None, None
+        self.data_rank, self.data_world = self.rank, self.world_size
+        if tp > 1:
+            if self.world_size % tp:
+                fail(f"--tp {tp}: the world size {self.world_size} is not a multiple of it (start with torchrun "
+                     f"--nproc_per_node=<a multiple of {tp}>)")
+            import parallel
+            self.mesh = parallel.make_mesh(self.device.type, self.world_size, tp)
+            self.data_rank, self.data_world = self.mesh["dp"].get_local_rank(), self.world_size // tp
+            self.data_group = self.mesh["dp"].get_group()
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel replicas (tensor-parallel peers hold the same numbers: counted once)."""
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
+        return x
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a stop request that reached one process)."""
+        x = torch.tensor(float(flag), device=self.device)
         if self.world_size > 1:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
+        return x.item() > 0
 
     def barrier(self):
         if self.world_size > 1:
@@ -134,9 +159,10 @@ class Dist:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.98),
-                    eps: float = 1e-6, impl: str = "auto") -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and LayerNorm weights (every tensor with < 2 dims)
-    get no weight decay: shrinking them towards 0 only fights the normalisation.
+                    eps: float = 1e-6, impl: str = "auto", name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or, name="adafactor", optim.Adafactor) over the trainable parameters; biases and LayerNorm
+    weights (every tensor with < 2 dims) get no weight decay: shrinking them towards 0 only fights the
+    normalisation.
 
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)  [eq:adamw]
 
@@ -146,6 +172,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if name == "adafactor":
+        from optim import Adafactor
+        return Adafactor(groups, lr=lr)
     kw = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
           "plain": {"foreach": False}}[impl]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
@@ -225,8 +254,7 @@ class StopRequested:
 
     def requested_anywhere(self, here: bool, dist_env: Dist) -> bool:
         """A stop asked for on any rank (a signal, or `here`): every rank joins the all-reduce, every step."""
-        flag = torch.tensor(float(self.requested or here), device=dist_env.device)
-        return dist_env.all_reduce_sum(flag).item() > 0
+        return dist_env.any_rank(self.requested or here)
 
     def restore(self):
         """Put the old handlers back when training ends: a process forked later (a worker pool) must die
@@ -238,10 +266,17 @@ class StopRequested:
 class Parallel:
     """The model in the three forms training needs: `raw`, the module itself (the optimizer, clipping,
     evaluation, export); `sharded`, raw inside DDP or FSDP2 (gradient sync, state dicts); `model`, what the
-    forward calls (sharded, then torch.compile). Everything that differs between DDP and FSDP lives here."""
+    forward calls (sharded, then torch.compile). Everything that differs between DDP, FSDP and tensor
+    parallelism lives here. `tp_data_group`: under --tp, the process group of this rank's data-parallel
+    peers, whose gradients are averaged by hand (no DDP around DTensor weights); None otherwise."""
 
-    def __init__(self, raw, sharded, model, fsdp: bool):
+    def __init__(self, raw, sharded, model, fsdp: bool, tp: bool = False, tp_data_group=None):
         self.raw, self.sharded, self.model, self.fsdp = raw, sharded, model, fsdp
+        self.tp, self.tp_data_group = tp, tp_data_group
+        # FSDP and TP both leave DTensor weights: state dicts are gathered to full tensors and back
+        self.distributed = fsdp or tp
+        # foreach kernels refuse a list mixing DTensors (tensor-parallel weights) and plain tensors: a loop then
+        self.optimizer_impl = "foreach" if fsdp else "plain" if tp else "auto"
 
     def sync_gradients(self, on: bool):
         """All-reduce gradients in this backward or not; must be set before the forward."""
@@ -250,17 +285,30 @@ class Parallel:
         elif self.fsdp:
             self.sharded.set_requires_gradient_sync(on)
 
+    def reduce_gradients(self, data_world: int):
+        """After the backward passes: under --tp, average the gradients over the replicas, as DDP does."""
+        if self.tp and data_world > 1:
+            import parallel
+            parallel.all_reduce_grads(self.raw, self.tp_data_group)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The global gradient norm, before clipping to max_norm (torch's refuses a DTensor/tensor mix)."""
+        if self.tp:
+            import parallel
+            return parallel.clip_grad_norm_(self.raw.parameters(), max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
+
     def state_dict(self) -> dict:
         return model_state(self.sharded if self.fsdp else self.raw)    # FSDP: a collective, every rank joins
 
     def optimizer_state(self, opt) -> dict:
-        if not self.fsdp:
+        if not self.distributed:
             return opt.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(self.sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load(self, model_state_dict, opt, opt_state_dict):
-        if not self.fsdp:
+        if not self.distributed:
             self.raw.load_state_dict(model_state_dict)
             opt.load_state_dict(opt_state_dict)
             return
@@ -273,8 +321,8 @@ class Parallel:
         return self.model if self.fsdp else self.raw            # FSDP: only the sharded module holds weights
 
     def plain(self, state: dict):
-        """An unsharded model for export: raw itself, or under FSDP (no deep copy) a fresh one loaded with state."""
-        if not self.fsdp:
+        """An unsharded model for export: raw itself, or under FSDP/TP (no deep copy) a fresh one loaded with state."""
+        if not self.distributed:
             return self.raw
         from torch.distributed.fsdp import FSDPModule
         cls = next(c for c in type(self.raw).__mro__ if not issubclass(c, FSDPModule))
@@ -284,18 +332,35 @@ class Parallel:
 
 
 def parallelize(model, cfg, dist_env: Dist) -> Parallel:
-    """Move to the device, then FSDP2 (each of the model's shard units, then the whole) or DDP when there
-    are several ranks, then torch.compile. The model side names the shard units (model.shard_units)."""
+    """Move to the device, then FSDP2 (each of the model's shard units, then the whole), or tensor
+    parallelism (--tp: parallel.py splits the blocks in place; data parallelism beside it is averaged by
+    Parallel.reduce_gradients), or DDP when there are several ranks; then torch.compile. The model side
+    names the shard units (model.shard_units)."""
     dev = dist_env.device
     raw = sharded = model.to(dev)
+    tp = cfg.tp > 1
+    if cfg.fsdp and cfg.optimizer != "adamw":
+        fail("--fsdp: Adafactor's row/column statistics span the sharded dimension; use --optimizer adamw")
+    if tp and dist_env.tp != cfg.tp:
+        fail(f"--tp {cfg.tp}: this script does not support tensor parallelism (pretrain.py does)")
+    if tp and (cfg.fsdp or cfg.optimizer != "adamw"):
+        fail(f"--tp {cfg.tp}: combine it with plain data parallelism and AdamW, not with --fsdp or "
+             f"--optimizer {cfg.optimizer}")
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for unit in shard_units(raw):
             fully_shard(unit)
         sharded = fully_shard(raw)
+    elif tp:
+        import parallel
+        try:
+            parallel.tensor_parallel(raw, dist_env.mesh["tp"])     # in place
+        except ValueError as e:
+            fail(str(e))
     elif dist_env.world_size > 1:
         sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
-    return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp)
+    return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp,
+                    tp=tp, tp_data_group=dist_env.data_group)
 
 
 def amp_context(amp: str, device):
@@ -389,7 +454,7 @@ class Checkpointer:
 def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast, dist_env: Dist):
     """One optimizer step over this rank's micro-batches. Returns (their summed loss, N, the gradient norm
     before clipping, 1 if fp16 skipped the step for an inf/nan gradient else 0)."""
-    dev, world = dist_env.device, dist_env.world_size
+    dev, world = dist_env.device, dist_env.data_world      # world: the data-parallel replicas (all ranks but --tp)
     # N: the real targets of this whole optimizer step, over every micro-batch on every rank.
     # Dividing each micro-batch's summed loss by N (not by its own count) makes accumulation and DDP
     # give exactly the gradient of one big batch, even when micro-batches hold different numbers of
@@ -408,9 +473,10 @@ def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast,
         loss = loss_sum / n_targets.clamp(min=1) * world
         scaler.scale(loss).backward()      # fp16: backward of S * loss, so small gradients survive  [eq:loss-scaling]
         loss_total += loss_sum.detach().float()
+    par.reduce_gradients(world)                          # --tp: what DDP does, over the replicas
     scaler.unscale_(opt)
     # g <- g * min(1, clip / ||g||), the norm taken over all parameters together  [eq:clip]
-    grad_norm = torch.nn.utils.clip_grad_norm_(par.raw.parameters(), clip if clip > 0 else float("inf"))
+    grad_norm = par.clip_grad_norm_(clip if clip > 0 else float("inf"))
     scale_before = scaler.get_scale()
     scaler.step(opt)                        # fp16: skipped when any gradient is inf/nan
     scaler.update()
@@ -426,7 +492,7 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     config: a TrainConfig, or parsed flags holding its fields (pretrain.py passes its Namespace);
     loss_fn(model, batch) -> loss summed over the batch's real targets (a 0-dim tensor);
     data.micro_batch(step, index) -> batch dict holding "num_targets" (and "num_tokens"); index runs over
-        all micro-batches of the step on all ranks (micro * world_size + rank), so 2 ranks x 1 micro-batch
+        all micro-batches of the step on all replicas (micro * data_world + data_rank), so 2 ranks x 1 micro-batch
         and 1 rank x 2 micro-batches see the same examples;
     eval_fn(model) -> dict of metrics (run on every rank with the plain, unwrapped model);
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
@@ -434,10 +500,12 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_args(config)
     os.makedirs(cfg.out, exist_ok=True)
-    torch.manual_seed(cfg.seed + dist_env.rank)      # each rank draws its own dropout masks
+    # each replica draws its own dropout masks; tensor-parallel peers the same ones (their activations are
+    # replicated, and must stay equal)
+    torch.manual_seed(cfg.seed + dist_env.data_rank)
     par = parallelize(model, cfg, dist_env)
-    opt = build_optimizer(par.raw, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2),
-                          impl="foreach" if par.fsdp else "auto")
+    opt = build_optimizer(par.raw, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2), impl=par.optimizer_impl,
+                          name=cfg.optimizer)
     scaler = torch.amp.GradScaler(dist_env.device.type, enabled=cfg.amp == "fp16")
     autocast = amp_context(cfg.amp, dist_env.device)
     warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)
@@ -463,7 +531,7 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
 
     par.model.train()
     while step < cfg.max_steps:
-        batches = [data.micro_batch(step, i * dist_env.world_size + dist_env.rank) for i in range(cfg.grad_accum)]
+        batches = [data.micro_batch(step, i * dist_env.data_world + dist_env.data_rank) for i in range(cfg.grad_accum)]
         lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule)
         loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
                                                               autocast, dist_env)
@@ -536,7 +604,7 @@ class Logger:
             if self.main:
                 dt = time.time() - self.t0
                 self.write({"step": step, "loss": loss_avg, "lr": lr,
-                            "tokens_per_s": self.tokens * self.dist_env.world_size / max(dt, 1e-9),
+                            "tokens_per_s": self.tokens * self.dist_env.data_world / max(dt, 1e-9),
                             "grad_norm": float(grad_norm), "skipped_steps": skipped, **self.fields})
             self.t0, self.tokens = time.time(), 0
         if self.main:

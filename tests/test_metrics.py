@@ -119,3 +119,108 @@ def test_format_table_lines_up_splits_as_columns():
     assert lines[3].split() == ["accuracy", "0.5000", "0.7500"]
     assert lines[4].split() == ["mcc", "0.2500", "-"]
     assert M.format_table({"steps": 1200}).splitlines()[2].split() == ["steps", "1,200"]
+
+
+# -----------------------------------------------------------------------------------------------------
+# BLEU and ROUGE: hand examples, then sacrebleu and rouge-score on real sentences (SST-2 dev, 872)
+
+
+def sst2_pairs():
+    """(hypotheses, references, second references): SST-2 dev sentences as references, each hypothesis a
+    seeded perturbation of one (words dropped, swapped, replaced from other sentences, truncated, re-cased,
+    some emptied), and a second reference set perturbed the same way."""
+    from conftest import require_data
+    lines = require_data("sst2", "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    refs = [line.split("\t")[0].strip() for line in lines if line.strip()]
+    rng = np.random.default_rng(0)
+    vocab = sorted({w for r in refs for w in r.split()})
+
+    def perturb(sentence):
+        words = sentence.split()
+        kind = rng.integers(8)
+        if kind == 0:
+            return ""                                                    # an empty hypothesis
+        if kind == 1:
+            return " ".join(words[:rng.integers(0, 4)])                  # very short: higher orders may be empty
+        out = []
+        for w in words:
+            r = rng.random()
+            if r < 0.1:
+                continue                                                 # dropped
+            out.append(vocab[rng.integers(len(vocab))] if r < 0.2 else w.capitalize() if r < 0.25 else w)
+        if len(out) > 2 and rng.random() < 0.5:
+            i = rng.integers(len(out) - 1)
+            out[i], out[i + 1] = out[i + 1], out[i]                      # swapped neighbours
+        if kind == 2:
+            out = out + out[: len(out) // 2]                             # repeated words: clipping matters
+        return " ".join(out) + ("-\nand more" if kind == 3 else "")
+    return [perturb(r) for r in refs], refs, [perturb(r) for r in refs]
+
+
+def test_bleu_clips_counts_and_penalises_brevity_by_hand():
+    # hyp "the the the cat" vs ref "the cat sat on the mat": unigrams matched min(3, 2) + 1 = 3 of 4,
+    # bigrams "the cat" 1 of 3, trigrams 0 of 2, 4-grams 0 of 1; c = 4 < r = 6 so BP = exp(1 - 6/4)
+    out = M.corpus_bleu(["the the the cat"], [["the cat sat on the mat"]], smooth="floor", smooth_value=0.1)
+    assert out["precisions"] == pytest.approx([75.0, 100 / 3, 5.0, 10.0])
+    assert out["bp"] == pytest.approx(math.exp(1 - 6 / 4))
+    assert out["bleu"] == pytest.approx(100 * math.exp(1 - 6 / 4) * (0.75 * (1 / 3) * 0.05 * 0.1) ** 0.25)
+    assert M.corpus_bleu(["the the the cat"], [["the cat sat on the mat"]], smooth="none")["bleu"] == 0.0
+
+
+@pytest.mark.parametrize("tokenize", ["13a", "none"])
+@pytest.mark.parametrize("smooth", ["none", "floor", "add-k", "exp"])
+def test_corpus_bleu_equals_sacrebleu(smooth, tokenize):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps, refs, refs2 = sst2_pairs()
+    assert sum(h == "" for h in hyps) > 50                               # empty hypotheses are in the set
+    for ref_sets in ([refs], [refs, refs2]):
+        for subset in (slice(None), slice(0, 40), slice(100, 103)):
+            h, rs = hyps[subset], [r[subset] for r in ref_sets]
+            theirs = sacrebleu.corpus_bleu(h, rs, smooth_method=smooth, tokenize=tokenize)
+            ours = M.corpus_bleu(h, rs, smooth=smooth, tokenize=tokenize)
+            assert ours["bleu"] == pytest.approx(theirs.score, abs=1e-6)
+            assert ours["precisions"] == pytest.approx(theirs.precisions, abs=1e-6)
+            assert (ours["hyp_len"], ours["ref_len"]) == (theirs.sys_len, theirs.ref_len)
+    assert M.corpus_bleu(hyps, [refs], smooth=smooth)["bleu"] > 10       # a real, non-degenerate score
+
+
+def test_bleu_of_only_empty_hypotheses_is_zero_as_in_sacrebleu():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    _, refs, _ = sst2_pairs()
+    for smooth in M.BLEU_SMOOTHING:
+        assert M.corpus_bleu([""] * 5, [refs[:5]], smooth=smooth)["bleu"] == \
+            sacrebleu.corpus_bleu([""] * 5, [refs[:5]], smooth_method=smooth).score == 0.0
+
+
+def test_tokenize_13a_equals_sacrebleu():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    hyps, refs, _ = sst2_pairs()
+    extra = ["Hello, world! It costs $3.50 - or 1,000 &amp; more.", "a-b 3-4 x.y (z) [w] {q}", "<skipped>end-\nline"]
+    for text in refs + hyps + extra:
+        assert M.tokenize_13a(text) == Tokenizer13a()(text).split()
+
+
+def test_rouge_by_hand():
+    h, r = "a b c d".split(), "a c b d e".split()
+    assert M.lcs_length(h, r) == 3                                       # a c d (or a b d)
+    assert M.rouge_l(h, r) == pytest.approx(2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5))
+    assert M.rouge_n(h, r, 1) == pytest.approx(2 * 1 * (4 / 5) / (1 + 4 / 5))
+    assert M.rouge_n(h, r, 2) == 0.0                                      # no bigram in common
+    assert M.rouge_l([], r) == M.rouge_n([], r, 1) == 0.0
+
+
+@pytest.mark.parametrize("stem", [False, True])
+def test_rouge_equals_rouge_score(stem):
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    hyps, refs, _ = sst2_pairs()
+    refs = refs[:-3] + ["", "...", "Running runs ran"]                  # empty references too
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=stem)
+    theirs = [scorer.score(r, h) for h, r in zip(hyps, refs)]
+    ours = M.rouge(hyps, refs, stem=stem)
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert ours[name] == pytest.approx(np.mean([s[name].fmeasure for s in theirs]), abs=1e-6)
+        assert 0.3 < ours[name] < 0.95                                   # a real, non-degenerate score
+    for h, r, s in list(zip(hyps, refs, theirs))[:200]:                  # and pair by pair
+        assert M.rouge([h], [r], stem=stem)["rougeL"] == pytest.approx(s["rougeL"].fmeasure, abs=1e-9)
+    assert M.rouge(["running dogs"], ["runs dog"], stem=True)["rouge1"] == 1.0    # stems match
+    assert M.rouge(["running dogs"], ["runs dog"])["rouge1"] == 0.0               # words do not

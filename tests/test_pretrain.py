@@ -168,9 +168,57 @@ def test_fsdp_two_ranks_matches_ddp_and_resumes(corpus, tmp_path):
     assert (tmp_path / "fsdp" / "model.safetensors").exists()          # the export ran on a plain copy
 
 
-def test_resume_is_exact(corpus, tmp_path):
+def _same_run(a_dir, b_dir, tol):
+    """Parameters and logged losses, gradient norms and evaluations of two runs agree to tol."""
+    a, b = params(a_dir), params(b_dir)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)       # whole tensors, not shards
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < tol, worst
+    la, lb = log_lines(a_dir), log_lines(b_dir)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for key in ("loss", "grad_norm", "eval/loss"):
+        xs = [r[key] for r in la if key in r]
+        assert xs and np.allclose(xs, [r[key] for r in lb if key in r], rtol=0, atol=tol), key
+
+
+def test_tensor_parallel_two_ranks_equals_one_process_and_resumes(corpus, tmp_path):
+    """--tp 2: each rank holds half the heads and half the FFN of every block; the losses, gradient norms
+    (clipped: they exceed --clip 1) and parameters are one process's to 1e-5, the checkpoint holds whole
+    tensors in the usual layout, and a resumed tensor-parallel run continues it."""
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "4", "--eval-every", "2", "--save-every", "0"]
+    one = run_cli([*common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    first = run_cli([*common, "--out", str(tmp_path / "tp"), "--tp", "2", "--stop-at-step", "2"], torchrun=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli([*common, "--out", str(tmp_path / "tp"), "--tp", "2", "--resume"], torchrun=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    _same_run(tmp_path / "one", tmp_path / "tp", 1e-5)
+    assert max(r["grad_norm"] for r in log_lines(tmp_path / "one") if "grad_norm" in r) > 1.0
+    import transformers
+    hf = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "tp"))         # the export is whole too
+    assert hf.config.num_attention_heads == 2
+
+
+def test_tensor_and_data_parallel_on_a_2x2_mesh_equal_accumulation(corpus, tmp_path):
+    """4 ranks = 2 replicas x 2 tensor-parallel ranks: the same optimisation as 1 process with 2 micro-batches."""
+    common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "3", "--eval-every", "0", "--save-every", "0"]
+    one = run_cli([*common, "--out", str(tmp_path / "one"), "--grad-accum", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    mesh = run_cli([*common, "--out", str(tmp_path / "mesh"), "--tp", "2"], torchrun=4)
+    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    _same_run(tmp_path / "one", tmp_path / "mesh", 1e-5)
+
+
+def test_tensor_parallel_refuses_what_it_cannot_split(corpus, tmp_path):
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--out", str(tmp_path / "o"), "--tp", "2"])
+    assert res.returncode == 2 and "--tp 2: the world size 1 is not a multiple" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_is_exact(corpus, tmp_path, optimizer):
     common = ["--data", str(corpus / "data"), *TINY, "--max-steps", "20", "--eval-every", "5", "--save-every", "0",
-              "--dropout", "0.1"]
+              "--dropout", "0.1", "--optimizer", optimizer]
     straight = pretrain.main([*common, "--out", str(tmp_path / "straight")])
     assert pretrain.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "10"])["preempted"]
     pretrain.main([*common, "--out", str(tmp_path / "split"), "--resume"])
@@ -394,3 +442,47 @@ def test_training_puts_the_signal_handlers_back(tmp_path):
     args = pretrain.parse_args(["--out", str(tmp_path), "--max-steps", "2", "--no-progress", "--eval-every", "0"])
     trainer.train(torch.nn.Linear(3, 1), lambda m, b: m(b["x"]).sum(), Data(), args, trainer.Dist("cpu"))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# -----------------------------------------------------------------------------------------------------
+# CLM evaluation by generation (--eval-generate) and --sample, both through generate.py
+
+
+def test_clm_eval_logs_bleu_and_rouge_of_greedy_continuations(corpus, tmp_path, capsys):
+    """Logged gen_bleu / gen_rougeL are sacrebleu's and rouge-score's scores of the final model's greedy
+    continuation of the first 8 tokens of the first 6 held-out windows against their next 8 tokens."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    import generate
+    out = tmp_path / "clm"
+    pretrain.main(["--data", str(corpus / "data"), *TINY, "--objective", "clm", "--max-steps", "6",
+                   "--eval-every", "3", "--eval-generate", "8", "--eval-generate-windows", "6", "--sample", "2",
+                   "--out", str(out)])
+    printed = capsys.readouterr().out
+    evals = [r for r in log_lines(out) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all("eval/gen_bleu" in r and "eval/gen_rougeL" in r for r in evals)
+    assert printed.count("\n--- ") + printed.startswith("--- ") == 2        # --sample 2: two continuations
+    # the held-out windows: [CLS] + the val stream cut into consecutive pieces of --seq-len tokens
+    model, tok = generate.load_causal_lm(str(out))
+    meta = json.loads((corpus / "data" / "meta.json").read_text())
+    val = np.fromfile(corpus / "data" / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+    windows = [[tok.cls_id] + val[i * 32:i * 32 + 15].tolist() for i in range(6)]     # body = seq_len for CLM
+    new = generate.generate(model, [w[:8] for w in windows], 8, temperature=0)
+    hyps, refs = [tok.decode(n) for n in new], [tok.decode(w[8:]) for w in windows]
+    assert evals[-1]["eval/gen_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge_l = np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)])
+    assert evals[-1]["eval/gen_rougeL"] == pytest.approx(rouge_l, abs=1e-6)
+    assert all(len(n) == 8 for n in new)
+    assert evals[-1]["eval/gen_bleu"] > 0 and evals[-1]["eval/gen_rougeL"] > 0       # not vacuous
+
+
+def test_eval_generate_needs_clm_and_room_in_the_window(capsys):
+    for argv, expected in [(["--eval-generate", "4"], "only a causal LM"),
+                           (["--objective", "clm", "--seq-len", "16", "--eval-generate", "9"], "expected K in 0..8")]:
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(argv)
+        assert expected in capsys.readouterr().err
+    assert pretrain.parse_args(["--objective", "clm", "--seq-len", "20"]).eval_generate == 10   # default: min(16, T/2)
+    assert pretrain.parse_args([]).eval_generate == 0                                         # MLM: off

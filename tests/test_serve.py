@@ -293,6 +293,7 @@ def test_histogram_buckets_are_cumulative():
 
 class CountingPredictor:
     """Stands in for predict.Predictor: records each forward pass; 'probability' = len(text)."""
+    needs_pairs = False
 
     def __init__(self):
         self.calls = []
@@ -323,3 +324,234 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
         assert rows == [{"n": len(t)} for t in req]
     assert [c[0] for c in calls] == [["a", "bb", "ccc", "dddd"], ["e", "ff", "ggg", "h"], ["x"]]   # 4 + 4 + 1 texts
     assert calls[2][1] == ["y"] and metrics.batch.count == 3 and metrics.batch.sum == 9
+
+
+# -----------------------------------------------------------------------------------------------------
+# reliability: no request can fail another's, every bad input a clear error, stopping at any moment
+
+
+@pytest.fixture(scope="module")
+def private_server(toy, tmp_path_factory):
+    """Logs the texts, but masked; /metrics and the details of /healthz need the token."""
+    tmp = tmp_path_factory.mktemp("private")
+    (tmp / "token").write_text(TOKEN + "\n")
+    s = Server(tmp, toy["dir"], "--token-file", tmp / "token", "--log-text", "--redact", "--protect-metrics",
+               "--max-wait-ms", 20)
+    yield s
+    s.stop()
+
+
+def wait_for_log(server, predicate, tries=100):
+    """The log records once one satisfies `predicate` (a line is written just after its answer)."""
+    for _ in range(tries):
+        records = server.log()
+        if any(map(predicate, records)):
+            return records
+        time.sleep(0.05)
+    raise AssertionError(f"no such log line in {server.log_path}")
+
+
+def test_texts_that_cannot_be_encoded_and_hostile_json_are_a_422_and_fail_no_one_else(private_server, toy):
+    s, texts = private_server, toy["texts"][:10]
+    probs = dict(zip(texts, expected_rows(toy, texts)))
+    bad = [(b'{"texts": ["a film \\ud800"]}', "texts[0] holds a lone surrogate U+D800 at character 7"),
+           (b'{"texts": ["a"], "pairs": ["\\udfff"]}', "pairs[0] holds a lone surrogate U+DFFF"),
+           (b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests JSON too deeply"),
+           (b'{"texts": [' + b"7" * 5000 + b"]}", "number too long to read")]
+
+    def normal(i):                             # 10 clients, 3 requests each, in flight with the bad ones
+        return [(texts[i], s.request("/predict", {"texts": [texts[i]]})) for _ in range(3)]
+
+    with ThreadPoolExecutor(14) as pool:
+        good = pool.map(normal, range(10))
+        answers = list(pool.map(lambda b: s.request("/predict", raw=b[0]), bad))
+    for (_, message), (status, body) in zip(bad, answers):
+        assert status == 422 and message in body["error"], (status, body)
+    good = [a for part in good for a in part]
+    assert len(good) == 30 and all(status == 200 for _, (status, _) in good)
+    for text, (_, body) in good:
+        assert_matches(body["predictions"], probs[text][None])
+    records = wait_for_log(s, lambda r: r.get("status") == 422)
+    assert sum(r.get("status") == 422 for r in records) == 4 and s.proc.poll() is None
+
+
+def test_log_text_with_redact_masks_personal_data_in_the_log(private_server):
+    s = private_server
+    text = "write to jo.doe@example.com or +1 (555) 123-4567; card 4111 1111 1111 1111, see https://x.org/me"
+    assert s.request("/predict", {"texts": [text, "naïve — ünïcode ✓"]})[0] == 200
+    records = wait_for_log(s, lambda r: r.get("texts", [])[1:] == ["naïve — ünïcode ✓"])
+    assert [r["texts"] for r in records if r.get("n_texts") == 2][-1] == \
+        ["write to [EMAIL] or [PHONE]; card [CARD], see [URL]", "naïve — ünïcode ✓"]
+    for secret in ("jo.doe", "555", "4111", "x.org"):
+        assert secret not in s.log_path.read_text()
+
+
+def test_protect_metrics_needs_the_token_for_metrics_and_for_the_details_of_healthz(private_server):
+    s = private_server
+    status, body = s.request("/metrics", token=None)
+    assert status == 401 and "--protect-metrics" in body["error"]
+    status, text = s.request("/metrics")
+    assert status == 200 and "plainbert_model_loaded 1" in text
+    assert s.request("/healthz", token=None) == (200, {"status": "ok"})             # enough for a probe
+    assert s.request("/healthz") == (200, {"status": "ok", "task": "binary", "labels": ["0", "1"]})
+
+
+def test_protect_metrics_without_a_token_refuses_to_start(toy):
+    env = {k: v for k, v in os.environ.items() if k != "PLAINBERT_TOKEN"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), toy["dir"], "--insecure", "--protect-metrics"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: --protect-metrics needs a token (PLAINBERT_TOKEN or " \
+        "--token-file), not --insecure\n"
+
+
+def test_sigterm_right_after_the_listening_line_stops_the_server(toy, tmp_path):
+    """The window between the 'listening' line and uvicorn's own handlers: a signal there must stop it too."""
+    for attempt in range(3):
+        log_path = tmp_path / f"serve{attempt}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), toy["dir"], "--insecure",
+                                     "--port", "0"], stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env=os.environ | {"OMP_NUM_THREADS": "1"})
+            for _ in range(60_000):                                    # at most ~2 minutes to start
+                if '"listening"' in log_path.read_text() or proc.poll() is not None:
+                    break
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError(f"attempt {attempt}: SIGTERM just after 'listening' did not stop the server")
+        assert code == 0 and json.loads(log_path.read_text().splitlines()[-1])["event"] == "stopped"
+
+
+class InProcessServer(Server):
+    """create_app served by uvicorn in a thread of this process, on 127.0.0.1: for predictors that fail
+    on purpose, which a model folder cannot do."""
+
+    def __init__(self, predictor, **options):
+        import uvicorn
+        from serve import create_app, listen
+        sock = listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        app = create_app(predictor, TOKEN, Limits(), **options)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        assert self.server.started
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+class Sabotaged:
+    """A real Predictor that raises on texts holding `poison`, or gives NaN everywhere; records each pass."""
+
+    def __init__(self, inner, poison=None, nan=False):
+        self.inner, self.poison, self.nan, self.calls = inner, poison, nan, []
+
+    def __call__(self, texts, pairs=None):
+        self.calls.append(list(texts))
+        if self.poison and any(self.poison in t for t in texts):
+            raise RuntimeError("the tokenizer failed")
+        out = self.inner(texts, pairs)
+        return np.full_like(out, np.nan) if self.nan else out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def predictor(toy):
+    from predict import Predictor
+    return Predictor([toy["dir"]])
+
+
+def test_a_request_that_fails_in_the_model_fails_alone(predictor, toy):
+    sabotaged = Sabotaged(predictor, poison="POISON")
+    s = InProcessServer(sabotaged, max_wait_ms=100)                  # long enough for batches to mix
+    texts = toy["texts"][:10]
+    probs = dict(zip(texts, expected_rows(toy, texts)))
+    try:
+        with ThreadPoolExecutor(11) as pool:
+            poisoned = pool.submit(lambda: [s.request("/predict", {"texts": ["POISON pill"]}) for _ in range(3)])
+            good = [a for part in pool.map(lambda i: [s.request("/predict", {"texts": [texts[i]]}) for _ in range(3)],
+                                           range(10)) for a in part]
+            poisoned = poisoned.result()
+        assert [status for status, _ in poisoned] == [500] * 3
+        assert all(body == {"error": "internal error while predicting"} for _, body in poisoned)
+        assert len(good) == 30 and all(status == 200 for status, _ in good)
+        for i, (_, body) in enumerate(good):
+            assert_matches(body["predictions"], probs[texts[i // 3]][None])
+        assert any(len(c) > 1 and "POISON pill" in c for c in sabotaged.calls)    # it did share a batch
+        assert s.request("/healthz")[0] == 200 and s.metrics()["plainbert_model_loaded"] == 1
+    finally:
+        s.stop()
+
+
+def test_healthz_says_unavailable_when_the_model_gives_nan(predictor):
+    s = InProcessServer(Sabotaged(predictor, nan=True))
+    try:
+        status, body = s.request("/healthz")
+        assert status == 503 and body["status"] == "unavailable" and "non-finite outputs" in body["error"]
+        assert s.metrics()["plainbert_model_loaded"] == 0
+        assert s.request("/predict", {"texts": ["a film"]})[0] == 500
+    finally:
+        s.stop()
+
+
+def test_redact_inputs_masks_the_texts_before_the_model(predictor):
+    seen = Sabotaged(predictor)
+    s = InProcessServer(seen, redact_inputs=True)
+    try:
+        assert s.request("/predict", {"texts": ["mail jo@example.com now"]})[0] == 200
+        assert ["mail [EMAIL] now"] in seen.calls and not any("jo@" in t for c in seen.calls for t in c)
+    finally:
+        s.stop()
+
+
+def test_a_log_line_never_raises(monkeypatch, capsys):
+    import io
+    from serve import log
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")          # strict: no surrogate, no é
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    log({"texts": ["caf\u00e9 \ud800"], "n": 1})
+    ascii_out.seek(0)
+    assert json.loads(ascii_out.read())["texts"] == ["caf\u00e9 \ud800"]
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    log({"event": "x"})                                                 # a closed stdout: a note on stderr
+    assert "cannot write a log line" in capsys.readouterr().err
+
+
+def test_a_failing_batch_is_retried_request_by_request():
+    class FailsOn(CountingPredictor):
+        def __call__(self, texts, pairs=None):
+            if "bad" in texts:
+                self.calls.append((list(texts), pairs))
+                raise ValueError("cannot encode")
+            return super().__call__(texts, pairs)
+
+    async def scenario():
+        fake = FailsOn()
+        batcher = MicroBatcher(fake, max_batch=8, max_wait_s=0.5, metrics=Metrics())
+        pending = [asyncio.ensure_future(batcher.predict(r, None)) for r in (["a"], ["bad"], ["cc", "d"])]
+        await asyncio.sleep(0)
+        batcher.start()
+        answers = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
+        await batcher.stop()
+        return fake.calls, answers, batcher
+
+    calls, answers, batcher = asyncio.run(scenario())
+    assert answers[0] == [{"n": 1}] and answers[2] == [{"n": 2}, {"n": 1}]
+    assert isinstance(answers[1], ValueError) and str(answers[1]) == "cannot encode"
+    # one shared pass, then each request alone, then a probe (which passes: the model is fine)
+    assert [texts for texts, _ in calls] == [["a", "bad", "cc", "d"], ["a"], ["bad"], ["health check"], ["cc", "d"]]
+    assert batcher.problem is None and batcher.metrics.model_loaded == 1
