@@ -334,6 +334,8 @@ def run(argv=None) -> dict:
     if init.is_dir() or a.init:
         model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
         scratch = False
+        print(f"--init {init}{'' if a.init else ' (the default)'}: {model.config.num_layers} layers, "
+              f"hidden {model.config.hidden_size}, vocabulary {tokenizer.vocab_size:,}")
     elif sample:
         print(f"no --init given and {DEFAULT_INIT} does not exist (create it with: python pretrain.py): training a "
               "small model from random initialisation on the sample instead")
@@ -433,7 +435,8 @@ def run(argv=None) -> dict:
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
             if split:
                 write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
-        print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
+        print(f"saved the model to {os.path.abspath(a.out)} (labels.json, metrics.json, predictions); try: "
+              f"python predict.py {a.out} \"some text\"")
         out["metrics"] = record
     dist_env.close()
     return out

@@ -1,7 +1,7 @@
 """Predict with a fine-tuned model: a label and class probabilities (or a score) for each text.
 
-    python predict.py out/sst2 "a gripping, funny film" "dull and overlong"
-    cat reviews.txt | python predict.py out/sst2 --format jsonl
+    python predict.py out/sst2 "a gripping, funny film" "dull and overlong"     # label, p, text per line
+    cat reviews.txt | python predict.py out/sst2 --format jsonl                  # or --format tsv
     python predict.py out/sst2,out/sst2-seed2 --input dev.tsv --text-col sentence --output preds.tsv
 
 MODEL is a folder written by finetune.py (BERT layout + labels.json) or by export.py (the same, possibly
@@ -81,12 +81,15 @@ class Predictor:
         mean = np.mean(outs, axis=0)
         return mean.reshape(len(texts)) if self.task == "regression" else mean.reshape(len(texts), -1)
 
-    def describe(self, out: np.ndarray) -> list[dict]:
-        """One JSON-ready dict per row: {"score"} for regression, else {"label", "probs": {name: p}}."""
+    def describe(self, out: np.ndarray, texts: list[str] | None = None) -> list[dict]:
+        """One JSON-ready dict per row: {"score"} for regression, else {"label", "probs": {name: p}}; with
+        texts, each row starts with its "text"."""
         if self.task == "regression":
-            return [{"score": float(s)} for s in out]
-        names = self.labels or [str(k) for k in range(out.shape[1])]
-        return [{"label": names[int(row.argmax())], "probs": dict(zip(names, map(float, row)))} for row in out]
+            rows = [{"score": float(s)} for s in out]
+        else:
+            names = self.labels or [str(k) for k in range(out.shape[1])]
+            rows = [{"label": names[int(row.argmax())], "probs": dict(zip(names, map(float, row)))} for row in out]
+        return rows if texts is None else [{"text": t, **row} for t, row in zip(texts, rows)]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -94,17 +97,25 @@ class Predictor:
 
 
 def format_header(predictor: Predictor) -> str:
+    """The tsv header: label, prob_<name> per class (regression: score), then the text."""
     if predictor.task == "regression":
-        return "score"
-    return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels])
+        return "score\ttext"
+    return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels] + ["text"])
 
 
 def format_row(row: dict, fmt: str) -> str:
+    """One output line: "text" (for people: label, its probability, every class's, the text), tsv or jsonl."""
     if fmt == "jsonl":
         return json.dumps(row, ensure_ascii=False)
+    text = row["text"].replace("\t", " ")
+    if fmt == "text":
+        if "score" in row:
+            return f"score {row['score']:8.4f}   {text}"
+        probs = "  ".join(f"{name} {p:.3f}" for name, p in row["probs"].items())
+        return f"{row['label']:<12} {row['probs'][row['label']]:.3f}   ({probs})   {text}"
     if "score" in row:
-        return f"{row['score']:.6f}"
-    return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()])
+        return f"{row['score']:.6f}\t{text}"
+    return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()] + [text])
 
 
 def stdin_texts(pairs: bool) -> tuple[list[str], list[str] | None]:
@@ -144,7 +155,7 @@ def run(args) -> None:
         step = args.batch_size
         for i in range(0, len(texts), step):
             chunk_pairs = pairs[i:i + step] if pairs is not None else None
-            for row in predictor.describe(predictor(texts[i:i + step], chunk_pairs)):
+            for row in predictor.describe(predictor(texts[i:i + step], chunk_pairs), texts[i:i + step]):
                 out.write(format_row(row, args.format) + "\n")
             bar.update(len(texts[i:i + step]))
         bar.close()
@@ -161,13 +172,15 @@ def output_file(path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Label texts with a fine-tuned model (or an ensemble of them).")
+    p = argparse.ArgumentParser(description="Label texts with a fine-tuned model (or an ensemble of them).",
+                                allow_abbrev=False)
     p.add_argument("model", help="fine-tuned model folder; several, comma-separated, are averaged")
     p.add_argument("texts", nargs="*", help="texts to label (else --input, else stdin, one per line)")
     p.add_argument("--input", help="a .tsv, .csv or .jsonl file (optionally .gz/.xz/.bz2) with a text column")
     p.add_argument("--text-col", help="the text column (default: found by name: sentence, text, sentence1, ...)")
     p.add_argument("--text-pair-col", help="the second text of each pair, for pair models")
-    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv", help="output format (default tsv)")
+    p.add_argument("--format", choices=("text", "tsv", "jsonl"), default="text",
+                   help="text: for people (label, probability, text); tsv or jsonl: for programs (default text)")
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --input")

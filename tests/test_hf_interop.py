@@ -67,9 +67,11 @@ def tiny_task(tmp_path, task, label_of):
     return tmp_path / "ft", [t for t, _ in rows[:40]]
 
 
-def test_a_multiclass_folder_has_its_label_names_and_probabilities_in_hf(tmp_path):
+def test_a_multiclass_folder_has_its_label_names_and_probabilities_in_hf(tmp_path, capsys):
     names = ("short", "medium", "long")
     folder, texts = tiny_task(tmp_path, "multiclass", lambda t, y: names[len(t.split()) % 3])
+    printed = capsys.readouterr().out                     # finetune says what it started from and where it saved
+    assert f"--init {tmp_path / 'base'}: 2 layers" in printed and f"saved the model to {folder}" in printed
     model, tok, info = load_finetuned(folder)
     ours = predict_proba(model, tok, texts, info=info)
     labels, hf_probs = hf_pipeline_probs(folder, texts)
