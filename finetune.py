@@ -49,6 +49,7 @@ from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infe
                        save_finetuned, write_json)
 from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
 from model import CheckpointError, EncoderConfig, SequenceClassifier
+from plots import plot_metrics
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from trainer import Dist, TrainConfig, add_training_args, train
@@ -435,6 +436,7 @@ def run(argv=None) -> dict:
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
             if split:
                 write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        plot_metrics(a.out, title=f"{task} / {a.method}")
         print(f"saved the model to {os.path.abspath(a.out)} (labels.json, metrics.json, predictions); try: "
               f"python predict.py {a.out} \"some text\"")
         out["metrics"] = record

@@ -374,6 +374,12 @@ def run(args, dist_env):
 
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
                            extra_state={"model_config": cfg.to_dict()})
+    if dist_env.is_main and not result["preempted"]:
+        from plots import plot_metrics
+        plot_metrics(args.out, title=f"{args.objective} pre-training: {note}")
+        print(f"saved the model to {os.path.abspath(args.out)} (BERT layout: config.json, model.safetensors, "
+              "tokenizer); fine-tune it with: python finetune.py --task binary" +
+              ("" if os.path.abspath(args.out) == os.path.abspath("out/pretrain") else f" --init {args.out}"))
     if dist_env.is_main and causal and args.sample and not result["preempted"]:
         g = torch.Generator().manual_seed(args.seed)
         model.eval().cpu()
