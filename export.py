@@ -219,7 +219,8 @@ def export_torchscript(model, tokenizer, info, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.")
+    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
+                                allow_abbrev=False)
     p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
     p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
