@@ -216,10 +216,7 @@ def _one_logit_head(model):
 def load_finetuned(path):
     """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
     path = pathlib.Path(path)
-    try:
-        info = json.loads((path / "labels.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
+    info = read_info(path)
     tokenizer = load_tokenizer(path)
     stored = info["num_outputs"]
     if info["task"] == "binary":                     # written as [0, z] for transformers (older folders: z)
@@ -230,6 +227,14 @@ def load_finetuned(path):
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
     return model.eval(), tokenizer, info
+
+
+def read_info(path) -> dict:
+    """A folder's labels.json: the task, the labels, max_length, ..."""
+    try:
+        return json.loads((pathlib.Path(path) / "labels.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
 
 
 def write_json(path, obj):

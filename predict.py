@@ -29,11 +29,15 @@ class InputError(ValueError):
 # loading: the one dispatch between a float folder and an int8 one
 
 
-def load_model(path: str):
+def load_model(path: str, runtime: str = "torch", threads: int | None = None):
     """(model, tokenizer, info) for a folder: int8 folders (export.py) by int8.load_int8, every other by
-    finetuned.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
+    finetuned.load_finetuned; runtime "onnx" / "onnx-int8" runs export.py --onnx's graph in onnxruntime
+    instead (onnxrun.load_onnx). All give a model in eval mode with the SequenceClassifier interface."""
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
+    if runtime != "torch":
+        from onnxrun import load_onnx
+        return load_onnx(path, runtime, threads)
     from int8 import INT8_WEIGHTS, load_int8              # late: the model code loads only when a model does
     if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
         return load_int8(path)
@@ -46,12 +50,12 @@ class Predictor:
     tokenizer, so an ensemble may mix vocabularies. Averaging probabilities (not logits) keeps each member's
     calibration and needs nothing from them beyond predict_proba."""
 
-    def __init__(self, paths: list[str], batch_size: int = 32):
+    def __init__(self, paths: list[str], batch_size: int = 32, runtime: str = "torch", threads: int | None = None):
         from finetuned import predict_proba
         self._predict_proba = predict_proba
         if not paths:
             raise InputError("no model folder given")
-        self.members = [load_model(p) for p in paths]
+        self.members = [load_model(p, runtime, threads) for p in paths]
         self.info = self.members[0][2]
         self.task, self.labels = self.info["task"], list(self.info.get("labels") or [])
         if self.task == "simcse":
@@ -138,7 +142,7 @@ def run(args) -> None:
         raise InputError("give texts as arguments or --input FILE, not both")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size)
+    predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size, runtime=args.runtime)
     if args.input:
         from data.tasks import read_examples     # the reader finetune.py uses: same formats, same columns
         ex = read_examples([args.input], args.text_col, args.text_pair_col, need_labels=False)
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text: for people (label, probability, text); tsv or jsonl: for programs (default text)")
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="onnx / onnx-int8: run model.onnx / model.int8.onnx (export.py --onnx) in onnxruntime")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     return p
 
