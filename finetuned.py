@@ -181,6 +181,8 @@ def hf_fields(info) -> dict:
     task = info["task"]
     if TASKS[task].head is None:
         return {}
+    if info.get("pooling") == "mean":               # transformers' BERT pools [CLS] only: it would answer otherwise
+        return {"plainbert_pooling": "mean"}
     if TASKS[task].score_name:                       # one output, a score: transformers' regression
         return {"problem_type": "regression", "id2label": {"0": TASKS[task].score_name},
                 "label2id": {TASKS[task].score_name: 0}}

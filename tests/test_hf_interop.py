@@ -92,3 +92,10 @@ def test_a_regression_folder_is_read_by_hf_as_regression_with_our_scores(tmp_pat
     with torch.no_grad():
         scores = hf(**enc).logits[:, 0].double().numpy()
     np.testing.assert_allclose(scores, ours, atol=1e-5)
+
+
+def test_a_mean_pooled_head_is_not_advertised_with_label_names_transformers_would_misread():
+    from finetuned import hf_fields
+    # transformers' BertForSequenceClassification pools [CLS]: a mean-pooled folder would get other answers
+    assert hf_fields({"task": "binary", "labels": ["neg", "pos"], "pooling": "mean"}) == {"plainbert_pooling": "mean"}
+    assert hf_fields({"task": "binary", "labels": ["neg", "pos"], "pooling": "cls"})["id2label"] == {"0": "neg", "1": "pos"}
