@@ -76,7 +76,7 @@ def predict_proba(x, w, b) -> np.ndarray:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--train", required=True, nargs="+")
     p.add_argument("--dev", required=True, nargs="+")
     p.add_argument("--task", choices=["binary", "multiclass"], default="binary")

@@ -294,7 +294,7 @@ def compare(config, task, seq_len, batch_size, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--config", choices=["mini", "base", "all"], default="all")
     p.add_argument("--task", choices=["mlm", "cls", "all"], default="all")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")

@@ -97,7 +97,7 @@ def summary(values: list[float]) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True)
     p.add_argument("--dev", nargs="+", required=True)

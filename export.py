@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from atomic import atomic_write
 from finetuned import TASKS, save_finetuned, write_json
 from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
 from predict import InputError, Predictor, load_model
@@ -227,7 +228,8 @@ def export_torchscript(model, tokenizer, info, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.")
+    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
+                                allow_abbrev=False)
     p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
     p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
@@ -285,10 +287,9 @@ def run(args) -> None:
         stages = compress(model, tokenizer, info, args, tmp)
         if args.torchscript:
             export_torchscript(model, tokenizer, info, args.out)
-        if args.onnx:
-            export_onnx(model, tokenizer, info, args.out)
+        runtimes = export_onnx(model, tokenizer, info, args.out) if args.onnx else []
         if args.report:
-            report(stages, info, args)
+            report(stages, info, args, runtimes)
 
 
 def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
@@ -334,30 +335,56 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
     return stages
 
 
-def export_onnx(model, tokenizer, info, out: str) -> None:
+def export_onnx(model, tokenizer, info, out: str) -> list[str]:
+    """model.onnx (float) and model.int8.onnx (onnxruntime's dynamic int8 quantization) in OUT, read by
+    onnxrun.load_onnx. Kept only if onnxruntime agrees with PyTorch to 1e-4 on a batch of another shape
+    than the traced one. Returns the runtimes written ("onnx", "onnx-int8")."""
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxrun import INPUTS, RUNTIMES, OnnxClassifier
     except ImportError:
-        print("skipping ONNX export: the onnx package is not installed (pip install onnx onnxscript)")
-        return
+        print("skipping ONNX export: it needs the onnx and onnxruntime packages (pip install onnx onnxruntime)")
+        return []
     enc = tokenizer(["an example for export"], max_length=info["max_length"])
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    check = tokenizer(["a second, longer example to check the graph with", "and a third"], max_length=info["max_length"])
+    path = os.path.join(out, RUNTIMES["onnx"])
     try:
-        torch.onnx.export(model, tuple(enc[n] for n in names), os.path.join(out, "model.onnx"), input_names=names,
-                          output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "tokens"} for n in names})
+        with torch.no_grad(), warnings.catch_warnings(), atomic_write(path) as tmp:
+            warnings.simplefilter("ignore")
+            # the TorchScript-based exporter (dynamo=False): batch and length stay dynamic, no onnxscript needed
+            torch.onnx.export(model, tuple(enc[n] for n in INPUTS), tmp, input_names=list(INPUTS),
+                              output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "tokens"} for n in INPUTS},
+                              dynamo=False)
+            gap = (OnnxClassifier(tmp)(**{n: check[n] for n in INPUTS}) - model(**{n: check[n] for n in INPUTS})).abs().max()
+            if gap > 1e-4:
+                raise ValueError(f"onnxruntime differs from PyTorch by {gap:.2e} on a batch of another shape")
     except Exception as e:          # exporters fail in many ways; the folder itself is already complete
         print(f"skipping ONNX export: {type(e).__name__}: {e}")
+        return []
+    with atomic_write(os.path.join(out, RUNTIMES["onnx-int8"])) as tmp:
+        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8)
+    print(f"wrote {path} and {RUNTIMES['onnx-int8']} (run them: python predict.py {out} --runtime onnx|onnx-int8 ...)")
+    return ["onnx", "onnx-int8"]
 
 
-def report(stages: list[tuple[str, str]], info: dict, args) -> None:
-    """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage."""
+def report(stages: list[tuple[str, str]], info: dict, args, runtimes=()) -> None:
+    """Size on disk, CPU latency per example at batch 1 and 32, and dev accuracy of every stage; with
+    --onnx also OUT's graphs in onnxruntime (same threads, timed in the same turns as the PyTorch rows)."""
+    from onnxrun import RUNTIMES
     texts, pairs, gold = labelled(args.report, info, args)
     predictors = [Predictor([folder]) for _, folder in stages]
+    predictors += [Predictor([args.out], runtime=r, threads=args.threads) for r in runtimes]
+    names = [name for name, _ in stages] + [f"onnxruntime {r.removeprefix('onnx').lstrip('-') or 'float'}"
+                                            for r in runtimes]
+    folders = [folder for _, folder in stages] + [args.out] * len(runtimes)
     rows, reference = [], None
-    for (name, folder), predictor in zip(stages, predictors):
+    for name, folder, predictor in zip(names, folders, predictors):
         row, pred = score(name, folder, predictor, texts, pairs, gold, info["task"], reference)
         reference = pred if reference is None else reference
         rows.append(row)
+    for row, r in zip(rows[len(stages):], runtimes):               # an ONNX row's size is its graph file
+        row["size_mb"] = os.path.getsize(os.path.join(args.out, RUNTIMES[r])) / 2**20
     for batch in (1, 32):
         for row, ms in zip(rows, latencies_ms(predictors, texts, pairs, batch, args.repeats)):
             row[f"ms_batch{batch}"] = ms

@@ -53,6 +53,7 @@ from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of,
 from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
                      squad_scores)
 from model import CheckpointError, EncoderConfig, SequenceClassifier
+from plots import plot_metrics
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from trainer import Dist, TrainConfig, add_training_args, train
@@ -95,11 +96,20 @@ class Capture:
 # command line
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written (once), and each flag's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=list(TASKS), default="binary")
+    g.add_argument("--task", choices=list(TASKS), default="binary", help="what the labels are: see Tasks above")
     g.add_argument("--init", help="pretrain.py output or BERT-layout folder (default out/pretrain)")
     g.add_argument("--data", help="a folder with train.tsv, dev.tsv and optionally test.tsv (data/glue/<task>)")
     g.add_argument("--train", nargs="+", help="training file(s): TSV/CSV/JSONL with a header, or CoLA as it ships; "
@@ -125,20 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "without improvement and restore the best weights")
     g.add_argument("--ensemble", help="DIR1,DIR2,...: evaluate the mean of these fine-tuned models' probabilities")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=list(METHODS), default="full")
+    g.add_argument("--method", choices=list(METHODS), default="full", help="what trains: every weight, or a PEFT method")
     for name, (default, kind, help) in known_options().items():        # --lora-r, --adapter-size, ...
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help)
     g.add_argument("--dropout", type=float, help="override the checkpoint's dropout (hidden and attention)")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="target eps/K on every class (binary: eps/2)")
     g.add_argument("--rdrop", type=float, default=0.0, metavar="ALPHA", help="R-Drop: weight of the symmetric KL")
     g.add_argument("--contrastive-weight", type=float, default=0.0, help="add W x supervised contrastive loss")
-    g.add_argument("--contrastive-temperature", type=float, default=0.1)
-    g.add_argument("--adversarial", choices=["none", "fgm", "pgd", "freelb"], default="none")
+    g.add_argument("--contrastive-temperature", type=float, default=0.1, help="its temperature tau")
+    g.add_argument("--adversarial", choices=["none", "fgm", "pgd", "freelb"], default="none",
+                   help="train on perturbed embeddings too (adversarial.py)")
     g.add_argument("--adv-eps", type=float, default=1.0, help="L2 radius of the perturbation, per example")
     g.add_argument("--adv-alpha", type=float, help="ascent step (default 2.5 eps / steps)")
-    g.add_argument("--adv-steps", type=int, default=3)
+    g.add_argument("--adv-steps", type=int, default=3, help="ascent steps of pgd / freelb")
     g.add_argument("--eval-attack-eps", type=float, help="also report dev accuracy under a PGD attack of this size")
-    g.add_argument("--eval-attack-steps", type=int, default=10)
+    g.add_argument("--eval-attack-steps", type=int, default=10, help="steps of that attack")
     g.add_argument("--augment", choices=["none", "eda", "backtranslate"], default="none",
                    help="edit training texts on the fly (augment.py): EDA on words with WordNet synonyms, or "
                    "back-translation paraphrases")
@@ -186,6 +197,9 @@ def check_args(a):
         raise FinetuneError("--adversarial: combine it with neither --rdrop, --contrastive-weight nor --task simcse")
     if a.eval_attack_eps and not classify:
         raise FinetuneError(f"--eval-attack-eps: needs a classification task, not --task {a.task}")
+    if a.init and not pathlib.Path(a.init).is_dir():     # before anything is written (the sample, --out)
+        raise FinetuneError(f"--init {a.init}: folder not found (expected a pretrain.py output or a BERT-layout "
+                            "folder: config.json, model.safetensors, vocab.txt or tokenizer.model)")
     if a.data and (a.train or a.dev):
         raise FinetuneError("--data: give either --data DIR or --train/--dev files, not both")
     if not 0 < a.augment_rate < 1:
@@ -485,6 +499,8 @@ def run(argv=None) -> dict:
     if init.is_dir() or a.init:
         model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
         scratch = False
+        print(f"--init {init}{'' if a.init else ' (the default)'}: {model.config.num_layers} layers, "
+              f"hidden {model.config.hidden_size}, vocabulary {tokenizer.vocab_size:,}")
     elif sample:
         print(f"no --init given and {DEFAULT_INIT} does not exist (create it with: python pretrain.py): training a "
               "small model from random initialisation on the sample instead")
@@ -605,7 +621,9 @@ def run(argv=None) -> dict:
         for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
             if split:
                 write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
-        print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
+        plot_metrics(a.out, title=f"{task} / {a.method}")
+        print(f"saved the model to {os.path.abspath(a.out)} (labels.json, metrics.json, predictions); try: "
+              f"python predict.py {a.out} \"some text\"")
         out["metrics"] = record
     dist_env.close()
     return out

@@ -3,6 +3,7 @@ serve.py read. Nothing here trains, so serving imports neither the training loop
 
     save_finetuned(out, model, tokenizer, info)      config.json + model.safetensors (BERT layout, PEFT set
                                                      aside) + tokenizer + labels.json (info) [+ peft.json/.safetensors]
+                                                     that transformers' pipeline("text-classification") reads too
     model, tokenizer, info = load_finetuned(out)     the same model, in eval mode on the CPU
     predict_proba(model, tokenizer, texts, pairs, info)   (N, K) probabilities, (N,) scores or (N, C) vectors
     tagged_entities(model, tokenizer, texts, info)         NER: entities with character offsets, per text
@@ -13,6 +14,7 @@ probabilities of the raw outputs and the dev metrics that can judge it. finetune
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -21,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import losses
 from atomic import atomic_write
@@ -260,27 +263,95 @@ def tagged_entities(model, tokenizer, texts, info, batch_size=32) -> list[list[d
 
 def save_finetuned(out_dir, model, tokenizer, info):
     """What load_finetuned reads back: the base model + head in the BERT layout (PEFT modules set aside),
-    the PEFT parameters beside it (peft.json, peft.safetensors), the tokenizer and labels.json (info)."""
+    the PEFT parameters beside it (peft.json, peft.safetensors), the tokenizer and labels.json (info).
+
+    The folder is also a Hugging Face BertForSequenceClassification: config.json names the labels
+    (id2label / label2id from info["labels"]) and the problem_type, and a binary head's one logit z is
+    written as the two logits [0, z], whose softmax is exactly our [1 - sigmoid(z), sigmoid(z)]. So
+    transformers.pipeline("text-classification", model=out_dir) gives predict.py's labels and probabilities
+    (for full, top and bitfit; LoRA after export.py --merge-lora; adapters and prefixes have no BERT-layout
+    form). load_finetuned folds [0, z] back into one logit."""
     os.makedirs(out_dir, exist_ok=True)
-    with without_peft(model):
-        save_hf_bert(model.encoder if TASKS[info["task"]].head is None else model, out_dir, tokenizer)
+    with without_peft(model), _two_logit_head(model, info["task"]):
+        save_hf_bert(model.encoder if TASKS[info["task"]].head is None else model, out_dir, tokenizer,
+                     extra_config=hf_fields(info))
     if info["method"] != "full":
         save_peft(model, out_dir, info["method"], info["peft"])
+    tok_config = os.path.join(out_dir, "tokenizer_config.json")      # WordPiece: truncate where we do
+    if os.path.isfile(tok_config):
+        with open(tok_config) as f:
+            write_json(tok_config, {**json.load(f), "model_max_length": info["max_length"]})
     write_json(os.path.join(out_dir, "labels.json"), info)
+
+
+def hf_fields(info) -> dict:
+    """config.json fields that make transformers read the head as we do: the label names and the loss."""
+    task = info["task"]
+    if TASKS[task].head is None:
+        return {}
+    if info.get("pooling") == "mean":               # transformers' BERT pools [CLS] only: it would answer otherwise
+        return {"plainbert_pooling": "mean"}
+    if TASKS[task].score_name:                       # one output, a score: transformers' regression
+        return {"problem_type": "regression", "id2label": {"0": TASKS[task].score_name},
+                "label2id": {TASKS[task].score_name: 0}}
+    if not info.get("labels"):                      # QA: start/end scores, no label names
+        return {}
+    labels = [str(c) for c in info["labels"]]
+    names = {"id2label": {str(i): c for i, c in enumerate(labels)}, "label2id": {c: i for i, c in enumerate(labels)}}
+    return names if task == "token" else {"problem_type": "single_label_classification", **names}
+
+
+@contextlib.contextmanager
+def _two_logit_head(model, task):
+    """While saving a binary model, its classifier (1 output: z) stands in as (2 outputs: [0, z])."""
+    if task != "binary" or model.classifier.out_features != 1:
+        yield model
+        return
+    one = model.classifier
+    two = nn.Linear(one.in_features, 2).to(one.weight.device, one.weight.dtype)
+    with torch.no_grad():
+        two.weight.copy_(torch.cat([torch.zeros_like(one.weight), one.weight]))      # (2, C)
+        two.bias.copy_(torch.cat([torch.zeros_like(one.bias), one.bias]))            # (2,)
+    model.classifier, model.num_labels = two, 2
+    try:
+        yield model
+    finally:
+        model.classifier, model.num_labels = one, 1
+
+
+def _one_logit_head(model):
+    """[l0, l1] -> z = l1 - l0: the one logit with sigmoid(z) = softmax([l0, l1])[1] (exact for l0 = 0)."""
+    two = model.classifier
+    one = nn.Linear(two.in_features, 1)
+    with torch.no_grad():
+        one.weight.copy_(two.weight[1:] - two.weight[:1])                          # (1, C)
+        one.bias.copy_(two.bias[1:] - two.bias[:1])                                # (1,)
+    model.classifier, model.num_labels = one, 1
+    return model
 
 
 def load_finetuned(path):
     """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
     path = pathlib.Path(path)
-    try:
-        info = json.loads((path / "labels.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
+    info = read_info(path)
     tokenizer = load_tokenizer(path)
-    model = build_model(path, info["task"], info["num_outputs"], info.get("pooling") or "cls")
+    stored = info["num_outputs"]
+    if info["task"] == "binary":                     # written as [0, z] for transformers (older folders: z)
+        stored = json.loads((path / "config.json").read_text()).get("num_labels", 1)
+    model = build_model(path, info["task"], stored, info.get("pooling") or "cls")
+    if stored == 2 and info["num_outputs"] == 1:
+        _one_logit_head(model)
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
     return model.eval(), tokenizer, info
+
+
+def read_info(path) -> dict:
+    """A folder's labels.json: the task, the labels, max_length, ..."""
+    try:
+        return json.loads((pathlib.Path(path) / "labels.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
 
 
 def write_json(path, obj):

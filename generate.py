@@ -184,7 +184,7 @@ def read_prompts(args) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="folder from pretrain.py --objective clm")
     p.add_argument("prompts", nargs="*", help="texts to continue (else --file, else stdin)")

@@ -730,8 +730,9 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
     return model
 
 
-def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
-    """Write config.json + model.safetensors (+ the tokenizer) in the BERT layout, atomically per file."""
+def save_hf_bert(model: nn.Module, path: str, tokenizer=None, extra_config: dict | None = None) -> None:
+    """Write config.json + model.safetensors (+ the tokenizer) in the BERT layout, atomically per file.
+    extra_config: fields added to config.json (a classifier's id2label, label2id, problem_type)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = hf_config(model.config)
@@ -739,6 +740,7 @@ def save_hf_bert(model: nn.Module, path: str, tokenizer=None) -> None:
                        (SpanExtractor, "BertForQuestionAnswering")):
         if isinstance(model, kind):
             cfg["architectures"], cfg["num_labels"] = [arch], model.num_labels
+    cfg.update(extra_config or {})
     tensors = {("bert." + k if not k.startswith(("cls.", "classifier.", "qa_outputs.")) else k): v.detach().cpu()
                for k, v in to_hf_state_dict(model).items()}
     if "cls.predictions.decoder.weight" in tensors:   # safetensors refuses shared memory: store a copy

@@ -1,7 +1,7 @@
 """Predict with a fine-tuned model: a label and class probabilities (or a score) for each text.
 
-    python predict.py out/sst2 "a gripping, funny film" "dull and overlong"
-    cat reviews.txt | python predict.py out/sst2 --format jsonl
+    python predict.py out/sst2 "a gripping, funny film" "dull and overlong"     # label, p, text per line
+    cat reviews.txt | python predict.py out/sst2 --format jsonl                  # or --format tsv
     python predict.py out/sst2,out/sst2-seed2 --input dev.tsv --text-col sentence --output preds.tsv
     python predict.py out/ner "Peter Blackburn spoke in Brussels." --format jsonl     # entities, character offsets
     python predict.py out/qa --input questions.jsonl --format jsonl   # {"question", "context"} a line -> answer spans
@@ -33,11 +33,15 @@ class InputError(ValueError):
 # loading: the one dispatch between a float folder and an int8 one
 
 
-def load_model(path: str):
+def load_model(path: str, runtime: str = "torch", threads: int | None = None):
     """(model, tokenizer, info) for a folder: int8 folders (export.py) by int8.load_int8, every other by
-    finetuned.load_finetuned. Both give a model in eval mode with the SequenceClassifier interface."""
+    finetuned.load_finetuned; runtime "onnx" / "onnx-int8" runs export.py --onnx's graph in onnxruntime
+    instead (onnxrun.load_onnx). All give a model in eval mode with the SequenceClassifier interface."""
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a folder (expected a fine-tuned model folder with config.json and labels.json)")
+    if runtime != "torch":
+        from onnxrun import load_onnx
+        return load_onnx(path, runtime, threads)
     from int8 import INT8_WEIGHTS, load_int8              # late: the model code loads only when a model does
     if os.path.isfile(os.path.join(path, INT8_WEIGHTS)):
         return load_int8(path)
@@ -50,12 +54,12 @@ class Predictor:
     tokenizer, so an ensemble may mix vocabularies. Averaging probabilities (not logits) keeps each member's
     calibration and needs nothing from them beyond predict_proba."""
 
-    def __init__(self, paths: list[str], batch_size: int = 32):
+    def __init__(self, paths: list[str], batch_size: int = 32, runtime: str = "torch", threads: int | None = None):
         from finetuned import predict_proba
         self._predict_proba = predict_proba
         if not paths:
             raise InputError("no model folder given")
-        self.members = [load_model(p) for p in paths]
+        self.members = [load_model(p, runtime, threads) for p in paths]
         self.info = self.members[0][2]
         self.task, self.labels = self.info["task"], list(self.info.get("labels") or [])
         if self.task == "simcse":
@@ -103,17 +107,20 @@ class Predictor:
         mean = np.mean(outs, axis=0)
         return mean.reshape(len(texts)) if self.task == "regression" else mean.reshape(len(texts), -1)
 
-    def describe(self, out) -> list[dict]:
+    def describe(self, out, texts: list[str] | None = None) -> list[dict]:
         """One JSON-ready dict per row: {"score"} for regression, {"entities": [{"type", "text", "start",
-        "end", "score"}]} for NER, {"answer", "start", "end", "score"} for QA, else {"label", "probs": {name: p}}."""
+        "end", "score"}]} for NER, {"answer", "start", "end", "score"} for QA, else {"label", "probs": {name: p}};
+        with texts, each row starts with its "text"."""
         if self.task == "token":
-            return [{"entities": row} for row in out]
-        if self.task == "qa":
-            return list(out)
-        if self.task == "regression":
-            return [{"score": float(s)} for s in out]
-        names = self.labels or [str(k) for k in range(out.shape[1])]
-        return [{"label": names[int(row.argmax())], "probs": dict(zip(names, map(float, row)))} for row in out]
+            rows = [{"entities": row} for row in out]
+        elif self.task == "qa":
+            rows = list(out)
+        elif self.task == "regression":
+            rows = [{"score": float(s)} for s in out]
+        else:
+            names = self.labels or [str(k) for k in range(out.shape[1])]
+            rows = [{"label": names[int(row.argmax())], "probs": dict(zip(names, map(float, row)))} for row in out]
+        return rows if texts is None else [{"text": t, **row} for t, row in zip(texts, rows)]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -121,24 +128,33 @@ class Predictor:
 
 
 def format_header(predictor: Predictor) -> str:
+    """The tsv header: label, prob_<name> per class (regression: score; NER: entities; QA: the span), then the text."""
     if predictor.task in ("regression", "token"):
-        return {"regression": "score", "token": "entities"}[predictor.task]
+        return {"regression": "score", "token": "entities"}[predictor.task] + "\ttext"
     if predictor.task == "qa":
-        return "answer\tstart\tend\tscore"
-    return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels])
+        return "answer\tstart\tend\tscore\tquestion"
+    return "\t".join(["label"] + [f"prob_{name}" for name in predictor.labels] + ["text"])
 
 
 def format_row(row: dict, fmt: str) -> str:
+    """One output line: "text" (for people: label, its probability, every class's, the text), tsv or jsonl."""
     if fmt == "jsonl":
         return json.dumps(row, ensure_ascii=False)
+    text = row.get("text", "").replace("\t", " ")
     if "entities" in row:      # TYPE[start:end]=text; ...
-        return "; ".join(f"{e['type']}[{e['start']}:{e['end']}]={e['text']}" for e in row["entities"])
+        found = "; ".join(f"{e['type']}[{e['start']}:{e['end']}]={e['text']}" for e in row["entities"])
+        return f"{found}\t{text}" if fmt == "tsv" else f"{found or '(no entities)'}   {text}"
     if "answer" in row:
         score = "" if row["score"] is None else f"{row['score']:.6f}"
-        return f"{' '.join(row['answer'].split())}\t{row['start']}\t{row['end']}\t{score}"
+        return "\t".join([" ".join(row["answer"].split()), str(row["start"]), str(row["end"]), score, text])
+    if fmt == "text":
+        if "score" in row:
+            return f"score {row['score']:8.4f}   {text}"
+        probs = "  ".join(f"{name} {p:.3f}" for name, p in row["probs"].items())
+        return f"{row['label']:<12} {row['probs'][row['label']]:.3f}   ({probs})   {text}"
     if "score" in row:
-        return f"{row['score']:.6f}"
-    return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()])
+        return f"{row['score']:.6f}\t{text}"
+    return "\t".join([row["label"]] + [f"{p:.6f}" for p in row["probs"].values()] + [text])
 
 
 def stdin_texts(pairs: bool) -> tuple[list[str], list[str] | None]:
@@ -161,7 +177,7 @@ def run(args) -> None:
         raise InputError("give texts as arguments or --input FILE, not both")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size)
+    predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.batch_size, runtime=args.runtime)
     if args.input:
         from data.tasks import read_examples     # the reader finetune.py uses: same formats, same columns
         qa = predictor.task == "qa"                   # QA files: question and context columns by default
@@ -182,7 +198,7 @@ def run(args) -> None:
         step = args.batch_size
         for i in range(0, len(texts), step):
             chunk_pairs = pairs[i:i + step] if pairs is not None else None
-            for row in predictor.describe(predictor(texts[i:i + step], chunk_pairs)):
+            for row in predictor.describe(predictor(texts[i:i + step], chunk_pairs), texts[i:i + step]):
                 out.write(format_row(row, args.format) + "\n")
             bar.update(len(texts[i:i + step]))
         bar.close()
@@ -217,15 +233,19 @@ def output_file(path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Label texts with a fine-tuned model (or an ensemble of them).")
+    p = argparse.ArgumentParser(description="Label texts with a fine-tuned model (or an ensemble of them).",
+                                allow_abbrev=False)
     p.add_argument("model", help="fine-tuned model folder; several, comma-separated, are averaged")
     p.add_argument("texts", nargs="*", help="texts to label (else --input, else stdin, one per line)")
     p.add_argument("--input", help="a .tsv, .csv or .jsonl file (optionally .gz/.xz/.bz2) with a text column")
     p.add_argument("--text-col", help="the text column (default: found by name: sentence, text, sentence1, ...)")
     p.add_argument("--text-pair-col", help="the second text of each pair, for pair models")
-    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv", help="output format (default tsv)")
+    p.add_argument("--format", choices=("text", "tsv", "jsonl"), default="text",
+                   help="text: for people (label, probability, text); tsv or jsonl: for programs (default text)")
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="onnx / onnx-int8: run model.onnx / model.int8.onnx (export.py --onnx) in onnxruntime")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     g = p.add_argument_group("explanations (explain.py)")
     g.add_argument("--explain", action="store_true", help="print word attributions (integrated gradients) and "

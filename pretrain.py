@@ -25,6 +25,12 @@ from model import PRESETS, EncoderConfig, LanguageModel, save_hf_bert
 # token shards: train.bin / val.bin are flat token streams, one [SEP] after every document
 
 
+def prepared_name(raw: str) -> str:
+    """A name under data/ for the prepared form of a raw text folder or file: its last path part (never `raw`)."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(raw)))[0] or "corpus"
+    return name + "-prepared" if os.path.abspath(os.path.join("data", name)) == os.path.abspath(raw) else name
+
+
 class Shards:
     """A prepared folder (data/prepare.py): meta.json, train.bin, val.bin, tokenizer.model."""
 
@@ -34,8 +40,10 @@ class Shards:
             raise ValueError(f"--data {folder}: no such folder (make one with: python data/prepare.py "
                              f"--input <text files or folders> --out {folder})")
         if not os.path.isfile(meta_path):
+            # raw text, most likely: prepare it into a folder of its own, not into the raw data
             raise ValueError(f"--data {folder}: no meta.json, so it is not a prepared folder (make one with: "
-                             f"python data/prepare.py --input <text files or folders> --out {folder})")
+                             f"python data/prepare.py --input {folder} --out data/{prepared_name(folder)}, "
+                             f"then --data data/{prepared_name(folder)})")
         with open(meta_path) as f:
             self.meta = meta = json.load(f)
         self.folder = folder
@@ -242,7 +250,8 @@ def init_from(folder: str, shards: "Shards", args) -> tuple[LanguageModel, str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data", default=None, help="prepared folder from data/prepare.py (default: build data/pydoc "
                    "from the Python documentation shipped with every Python)")
     p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
@@ -253,8 +262,9 @@ def parse_args(argv=None):
                    "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
     p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
     p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
-    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
+                   "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout on hidden states and attention weights")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
     p.add_argument("--eval-mask-rate", type=float, help="MLM: mask rate of the validation batches (default "
@@ -384,6 +394,12 @@ def run(args, dist_env):
 
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
                            extra_state={"model_config": cfg.to_dict()})
+    if dist_env.is_main and not result["preempted"]:
+        from plots import plot_metrics
+        plot_metrics(args.out, title=f"{args.objective} pre-training: {note}")
+        print(f"saved the model to {os.path.abspath(args.out)} (BERT layout: config.json, model.safetensors, "
+              "tokenizer); fine-tune it with: python finetune.py --task binary" +
+              ("" if os.path.abspath(args.out) == os.path.abspath("out/pretrain") else f" --init {args.out}"))
     if dist_env.is_main and causal and args.sample and not result["preempted"]:
         from generate import generate
         model.eval().cpu()

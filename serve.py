@@ -478,7 +478,7 @@ def read_token(args) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Serve a fine-tuned model over HTTP.")
+    p = argparse.ArgumentParser(description="Serve a fine-tuned model over HTTP.", allow_abbrev=False)
     p.add_argument("model", help="fine-tuned (or exported) model folder; several, comma-separated, are averaged")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the 'listening' log line says which)")

@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,8 @@ class TrainConfig:
                               metavar="CHECKPOINT")
     stop_at_step: int | None = flag(None, "save a checkpoint and exit at this step", type=int)
     tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
+    wandb: str | None = flag(None, "also log to this Weights & Biases project (WANDB_MODE=offline: no network)",
+                             metavar="PROJECT")
     device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     no_progress: bool = flag(False, "no tqdm bar", action="store_true")
     seq_len: int | None = None        # not a flag: tokens per sequence for the MFU estimate (pretrain's --seq-len)
@@ -576,7 +578,7 @@ class Logger:
 
     def __init__(self, cfg, dist_env, model, start, fields=None):
         self.cfg, self.dist_env, self.fields, self.main = cfg, dist_env, fields or {}, dist_env.is_main
-        self.file = self.tb = self.pbar = None
+        self.file = self.tb = self.pbar = self.wandb = None
         self.flops_per_token, self.peak = None, None
         self.t0, self.tokens = time.time(), 0
         if not self.main:
@@ -588,6 +590,12 @@ class Logger:
             except ImportError:
                 fail("--tensorboard needs the tensorboard package (pip install tensorboard)")
             self.tb = SummaryWriter(cfg.out)
+        if cfg.wandb:
+            try:
+                import wandb                         # only when asked: it is heavy and optional
+            except ImportError:
+                fail("--wandb needs the wandb package (pip install wandb)")
+            self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out, config=asdict(cfg), resume="allow")
         if not cfg.no_progress:
             from tqdm import tqdm
             self.pbar = tqdm(total=cfg.max_steps, initial=start, dynamic_ncols=True, desc="train")
@@ -621,6 +629,9 @@ class Logger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                           step=record["step"])
         if echo or (self.pbar is None):
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             (self.pbar.write if self.pbar else print)(msg)
@@ -638,6 +649,8 @@ class Logger:
             self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
         if self.pbar is not None:
             self.pbar.close()
 

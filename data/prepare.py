@@ -656,7 +656,7 @@ def download_dataset(name, out_dir=None, url=None, sha256=None, quiet=False, **p
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", nargs="+", metavar="PATH", help="files and folders of raw text")
     p.add_argument("--out", help="output folder (default with --download: data/<dataset>)")
     p.add_argument("--vocab-size", type=int, default=8192)

@@ -121,8 +121,8 @@ def _log(quiet, msg):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--out", default="data/glue", help="parent folder; the task lands in OUT/<task> (default data/glue)")
     p.add_argument("--url", help="download from here instead (http, https or file://; for mrpc: the folder URL)")

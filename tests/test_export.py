@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import export
 import int8
+import predict
 from export import choose_heads, magnitude_prune, remove_heads, sparsity
 from int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows
 from finetuned import load_finetuned, predict_proba, save_finetuned
@@ -279,3 +280,41 @@ def test_export_never_writes_into_a_folder_in_use(toy, capsys):
         export.main([toy["dir"], "--out", toy["dir"], "--quantize", "int8"])
     assert "not empty" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(toy["dir"], export.INT8_WEIGHTS))
+
+
+# -----------------------------------------------------------------------------------------------------
+# ONNX
+
+
+def test_onnx_in_onnxruntime_gives_pytorchs_probabilities_and_joins_the_report(toy, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    printed = run_export(capsys, toy["dir"], "--out", out, "--onnx", "--report", toy["dev"], "--repeats", "1")
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
+    texts = toy["texts"]                                  # 160 dev sentences, batched by length as predict does
+    torch_probs = predict.Predictor([toy["dir"]])(texts)
+    onnx_probs = predict.Predictor([str(out)], runtime="onnx")(texts)
+    np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)
+    int8_probs = predict.Predictor([str(out)], runtime="onnx-int8")(texts)
+    assert (int8_probs.argmax(1) == torch_probs.argmax(1)).mean() >= 0.95
+    rows = {r["variant"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert set(rows) == {"float", "onnxruntime float", "onnxruntime int8"}
+    assert rows["onnxruntime float"]["agree_with_float"] == 1.0
+    assert rows["onnxruntime float"]["accuracy"] == rows["float"]["accuracy"]
+    assert rows["onnxruntime int8"]["size_mb"] < rows["onnxruntime float"]["size_mb"]
+    assert all(r["ms_batch1"] > 0 and r["ms_batch32"] > 0 for r in rows.values())
+    assert "onnxruntime int8" in printed
+
+
+def test_predict_runs_the_onnx_graph_from_the_command_line(toy, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    run_export(capsys, toy["dir"], "--out", out, "--onnx")
+    texts = toy["texts"][:3]
+    predict.main([str(out), *texts, "--runtime", "onnx", "--format", "jsonl"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    np.testing.assert_allclose([list(r["probs"].values()) for r in rows], predict.Predictor([toy["dir"]])(texts),
+                               atol=1e-4)
+    with pytest.raises(SystemExit):                       # a folder without the graph: one line, not a traceback
+        predict.main([toy["dir"], "text", "--runtime", "onnx"])
+    assert "model.onnx: not found" in capsys.readouterr().err

@@ -67,16 +67,31 @@ def test_the_toy_model_has_learned_its_task(toy):
     assert (probs.argmax(1) == np.array(toy["labels"])).mean() > 0.9
 
 
-def test_texts_from_arguments_give_predict_proba_exactly(toy, capsys):
+def test_texts_from_arguments_give_predict_proba_exactly_as_tsv(toy, capsys):
     texts = toy["texts"][:5]
-    out = run_cli(capsys, toy["dir"], *texts).splitlines()
-    assert out[0] == "label\tprob_0\tprob_1"
+    out = run_cli(capsys, toy["dir"], *texts, "--format", "tsv").splitlines()
+    assert out[0] == "label\tprob_0\tprob_1\ttext"
     probs = reference(toy["dir"], texts)
-    for line, p in zip(out[1:], probs):
-        label, *cells = line.split("\t")
-        assert label == str(p.argmax())
+    for line, p, text in zip(out[1:], probs, texts):
+        label, *cells, echoed = line.split("\t")
+        assert label == str(p.argmax()) and echoed == text
         np.testing.assert_allclose([float(c) for c in cells], p, atol=1e-6)
     assert len(out) == 1 + len(texts)
+
+
+def test_the_default_output_shows_each_text_with_its_label_name_and_probabilities(toy, capsys, tmp_path):
+    named = tmp_path / "named"
+    shutil.copytree(toy["dir"], named)
+    info = json.loads((named / "labels.json").read_text())
+    (named / "labels.json").write_text(json.dumps(info | {"labels": ["negative", "positive"]}))
+    texts = toy["texts"][:4]
+    lines = run_cli(capsys, named, *texts).splitlines()
+    probs = reference(toy["dir"], texts)
+    assert len(lines) == len(texts)
+    for line, p, text in zip(lines, probs, texts):
+        label = ["negative", "positive"][p.argmax()]
+        assert line.startswith(f"{label} ") and line.endswith(text)
+        assert f"{p.max():.3f}" in line and f"negative {p[0]:.3f}  positive {p[1]:.3f}" in line
 
 
 def test_a_file_in_gives_one_jsonl_row_per_example_in_order(toy, capsys, tmp_path):
@@ -86,6 +101,7 @@ def test_a_file_in_gives_one_jsonl_row_per_example_in_order(toy, capsys, tmp_pat
     probs = reference(toy["dir"], toy["texts"])
     assert len(rows) == len(toy["texts"])
     assert [r["label"] for r in rows] == [str(k) for k in probs.argmax(1)]
+    assert [r["text"] for r in rows] == toy["texts"]
     np.testing.assert_allclose([[r["probs"]["0"], r["probs"]["1"]] for r in rows], probs, atol=1e-6)
     assert not (tmp_path / "preds.jsonl.tmp").exists()
 

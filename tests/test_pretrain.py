@@ -221,7 +221,10 @@ def test_resume_is_exact(corpus, tmp_path, optimizer):
               "--dropout", "0.1", "--optimizer", optimizer]
     straight = pretrain.main([*common, "--out", str(tmp_path / "straight")])
     assert pretrain.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "10"])["preempted"]
+    assert not (tmp_path / "split" / "curves.png").exists()          # drawn when a run ends, not when it pauses
     pretrain.main([*common, "--out", str(tmp_path / "split"), "--resume"])
+    from test_plots import png_series
+    assert {"loss", "eval/loss"} <= set(png_series(tmp_path / "straight" / "curves.png"))
     a, b = params(tmp_path / "straight"), params(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a), "parameters differ after resume"
     assert log_lines(tmp_path / "straight") == log_lines(tmp_path / "split") or \

@@ -1,0 +1,74 @@
+"""The command lines as a newcomer meets them: --help says what each flag defaults to (and the description
+once), an abbreviated flag is an error rather than a guess, and a failing run writes nothing first."""
+import ast
+import pathlib
+
+import pytest
+
+import finetune
+import pretrain
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("*.py"), *ROOT.glob("data/*.py")])
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_argument_parser_turns_prefix_matching_off(path):
+    # with prefix matching, `--lr-min 0` would silently set a flag that merely starts that way, and a flag
+    # added later would change what an old command line means
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "ArgumentParser":
+            kw = {k.arg: k.value for k in node.keywords}
+            assert "allow_abbrev" in kw and kw["allow_abbrev"].value is False, f"{path.name}:{node.lineno}"
+
+
+def test_an_abbreviated_flag_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.build_parser().parse_args(["--max-step", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --max-step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--max-step", "3"])
+
+
+def test_finetune_help_shows_the_defaults_and_its_description_once(capsys):
+    with pytest.raises(SystemExit):
+        finetune.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert text.count(finetune.__doc__.split("\n")[0]) == 1
+    flat = " ".join(text.split())
+    for shown in ("--task {binary,multiclass,pair,regression,simcse,token,qa} what the labels are: see Tasks above "
+                  "(default: binary)", "--method", "(default: full)", "--adv-steps ADV_STEPS ascent steps of pgd / freelb (default: 3)",
+                  "--out OUT output folder: checkpoint, exported model, metrics.jsonl (default: out/finetune)"):
+        assert shown in flat, shown
+
+
+def test_pretrain_help_explains_attention_dropout_and_seed(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--attention {sdpa,math} sdpa: PyTorch's fused" in flat
+    assert "--dropout DROPOUT dropout on hidden states and attention weights (default: 0.1)" in flat
+    assert "--seed SEED seeds dropout" in flat
+
+
+def test_a_bad_init_fails_before_the_sample_or_the_output_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(finetune, "SAMPLE_DIR", tmp_path / "sample_binary")
+    monkeypatch.setattr(finetune, "GLUE_DIR", tmp_path / "glue")
+    code = finetune.main(["--task", "binary", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --init {tmp_path / 'nowhere'}: folder not found")
+    assert not (tmp_path / "sample_binary").exists() and not (tmp_path / "out").exists()
+
+
+def test_pretrain_on_raw_text_suggests_a_prepared_folder_outside_the_raw_data(tmp_path, monkeypatch):
+    raw = tmp_path / "books"
+    raw.mkdir()
+    (raw / "a.txt").write_text("some raw text\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        pretrain.Shards(str(raw))
+    assert f"python data/prepare.py --input {raw} --out data/books, then --data data/books" in str(e.value)
+    inside = tmp_path / "data" / "books"                 # raw text already under data/: a name beside it
+    inside.mkdir(parents=True)
+    with pytest.raises(ValueError, match="--out data/books-prepared"):
+        pretrain.Shards("data/books")
