@@ -23,7 +23,7 @@ import torch
 import losses
 from atomic import atomic_write
 from data.tasks import eval_order, pad_batch
-from model import SentenceEncoder, from_hf_bert, save_hf_bert
+from model import CheckpointError, SentenceEncoder, from_hf_bert, save_hf_bert
 from peft import load_peft, save_peft, without_peft
 from tokenizer import load_tokenizer
 
@@ -89,11 +89,13 @@ TASKS = {
 }
 
 
-def build_model(path, task: str, num_outputs: int, pooling: str = "cls", **config_overrides):
-    """The task's model from a BERT-layout folder: a SequenceClassifier, or for simcse a SentenceEncoder."""
+def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict: bool = False, **config_overrides):
+    """The task's model from a BERT-layout folder: a SequenceClassifier, or for simcse a SentenceEncoder.
+    strict: a fine-tuned folder, every tensor present (model.from_hf_bert); else a pre-trained encoder whose
+    missing or other-sized head starts afresh."""
     if TASKS[task].head is None:
-        return SentenceEncoder(from_hf_bert(str(path), head=None, **config_overrides), pooling)
-    return from_hf_bert(str(path), head="classifier", num_labels=num_outputs, **config_overrides)
+        return SentenceEncoder(from_hf_bert(str(path), head=None, strict=strict, **config_overrides), pooling)
+    return from_hf_bert(str(path), head="classifier", num_labels=num_outputs, strict=strict, **config_overrides)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -157,16 +159,25 @@ def save_finetuned(out_dir, model, tokenizer, info):
 
 
 def load_finetuned(path):
-    """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
+    """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder. Strict: a tensor
+    missing, left over, shaped or typed wrong, or not finite is a CheckpointError naming the folder and the
+    tensor; a fine-tuned head is never made up (random answers that differ on every start)."""
     path = pathlib.Path(path)
     try:
         info = json.loads((path / "labels.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
+    task, n = info.get("task") if isinstance(info, dict) else None, info.get("num_outputs") if isinstance(info, dict) else None
+    if task not in TASKS or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise FinetuneError(f"{path / 'labels.json'}: expected a 'task' (one of {', '.join(TASKS)}) and a positive "
+                            f"'num_outputs', got {task!r:.40} and {n!r:.20}")
     tokenizer = load_tokenizer(path)
-    model = build_model(path, info["task"], info["num_outputs"], info.get("pooling") or "cls")
+    model = build_model(path, task, n, info.get("pooling") or "cls", strict=True)
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise CheckpointError(f"{path / 'peft.safetensors'}: {name} holds non-finite values (NaN or inf)")
     return model.eval(), tokenizer, info
 
 
