@@ -51,7 +51,7 @@ from metrics import classification_metrics, format_table, regression_metrics, sp
 from model import CheckpointError, EncoderConfig, SequenceClassifier
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from trainer import Dist, TrainConfig, add_training_args, train
+from trainer import EX_TEMPFAIL, Dist, RunError, TrainConfig, add_training_args, file_fingerprint, train
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
@@ -331,6 +331,7 @@ def run(argv=None) -> dict:
     num_outputs = 1 if TASKS[task].one_output else len(classes)
 
     init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
+    torch.manual_seed(a.seed)         # a fresh head (or a scratch model) is the same on every start with this --seed
     if init.is_dir() or a.init:
         model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
         scratch = False
@@ -371,7 +372,7 @@ def run(argv=None) -> dict:
     options = {name: getattr(a, name) for name in known_options()}
     apply_peft(model, a.method, **options)
     summary = trainable_summary(model)
-    dist_env = Dist(a.device)
+    dist_env = Dist(a.device, a.dist_timeout)
     batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
     steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
@@ -400,16 +401,22 @@ def run(argv=None) -> dict:
         print(f"before training: STS spearman {before['spearman']:.4f}")
     monitor = (metric, "min" if metric in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
     t_train = time.time()
+    # what else must match for --resume to continue this run (the loop adds its own settings)
+    fingerprint = {"task": task, "method": a.method, "init": "scratch" if scratch else str(init.resolve()),
+                   "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
-                   log_fields={"epoch_steps": steps_per_epoch})
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
     train_seconds = time.time() - t_train
+    if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
+        dist_env.close()
+        return {"metrics": None, "model": model, "tokenizer": tokenizer, "info": None, "preempted": True}
 
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
             "pooling": a.pooling if task == "simcse" else None, "metric": metric,
             "init": "scratch" if scratch else str(init)}
-    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info, "preempted": False}
     if dist_env.is_main:
         model.eval()
         report = {"dev": evaluate(model, task, dev, tokenizer.pad_id) if dev else None,
@@ -428,15 +435,27 @@ def run(argv=None) -> dict:
                   "steps": result["step"], "stopped_early": result["stopped_early"], "train_examples": n_train,
                   "examples_seen": seen, "seconds": time.time() - t0, "train_seconds": train_seconds,
                   "examples_per_s": seen / max(train_seconds, 1e-9)}
-        save_finetuned(a.out, model, tokenizer, info)
-        write_json(os.path.join(a.out, "metrics.json"), record)
-        for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
-            if split:
-                write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        try:
+            save_finetuned(a.out, model, tokenizer, info)
+            write_json(os.path.join(a.out, "metrics.json"), record)
+            for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
+                if split:
+                    write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        except OSError as e:
+            raise FinetuneError(f"cannot write the model to --out {a.out} (disk full?): {e.strerror or e}") from None
         print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
         out["metrics"] = record
     dist_env.close()
     return out
+
+
+def data_fingerprint(path) -> str:
+    """A training file's size and SHA-256; a folder (simcse's WikiExtractor output): its files' names and sizes."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return f"folder of {len(files)} files, {sum(p.stat().st_size for p in files)} bytes"
+    return file_fingerprint(path)
 
 
 def examples_seen(data, steps) -> int:
@@ -495,13 +514,14 @@ def write_predictions(path, task, ex, pred, classes):
 
 
 def main(argv=None) -> int:
-    """The command line: 0, or 2 after printing `error: <flag/file>: <what was expected>` (no traceback)."""
+    """The command line: 0 when finished; 75 (EX_TEMPFAIL) when pre-empted (nothing exported, --resume
+    finishes it); 2 after printing `error: <flag/file>: <what was expected>` (no traceback)."""
     try:
-        run(argv)
-    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError) as e:
+        out = run(argv)
+    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EX_TEMPFAIL if out.get("preempted") else 0
 
 
 if __name__ == "__main__":
