@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", type=float, nargs="?", const=0.1, default=0.0, metavar="RATE",
                    help="token edits on the fly (swap/delete/insert/neighbour replace), RATE of tokens (0.1)")
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
-    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="simcse: sentence vector")
+    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
+                   "better for a model pre-trained with MLM alone, and simcse's choice)")
     add_training_args(p, out="out/finetune", max_steps=None, lr=None, batch_size=None, beta2=0.999, eval_every=None)
     return p
 
@@ -403,7 +404,8 @@ def run(argv=None) -> dict:
     t_train = time.time()
     # what else must match for --resume to continue this run (the loop adds its own settings)
     fingerprint = {"task": task, "method": a.method, "init": "scratch" if scratch else str(init.resolve()),
-                   "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length}
+                   "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length,
+                   "pooling": a.pooling}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
                    log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
     train_seconds = time.time() - t_train
@@ -414,7 +416,7 @@ def run(argv=None) -> dict:
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
-            "pooling": a.pooling if task == "simcse" else None, "metric": metric,
+            "pooling": a.pooling, "metric": metric,
             "init": "scratch" if scratch else str(init)}
     out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info, "preempted": False}
     if dist_env.is_main:

@@ -353,22 +353,37 @@ class LanguageModel(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """Encoder + BERT pooler + linear: one vector of scores per sequence (num_labels=1: regression)."""
+    """Encoder + BERT pooler + linear: one vector of scores per sequence (num_labels=1: regression).
 
-    def __init__(self, cfg: EncoderConfig, num_labels: int = 2, classifier_dropout: float | None = None):
+    pooling "cls" reads the [CLS] state, as BERT does; "mean" averages the real tokens' states, which a
+    model pre-trained with MLM alone (no sentence-level objective ever shaped its [CLS]) can use from the
+    first step of fine-tuning."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int = 2, classifier_dropout: float | None = None,
+                 pooling: str = "cls"):
         super().__init__()
-        self.config, self.num_labels = cfg, num_labels
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.config, self.num_labels, self.pooling = cfg, num_labels, pooling
         self.encoder = Encoder(cfg)
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.dropout if classifier_dropout is None else classifier_dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         self.apply(init_weights)
 
-    def pool(self, hidden):
-        """pooled = tanh(W_p h_[CLS] + b_p): the first token's state, as BERT was pre-trained to use it."""
-        return torch.tanh(self.pooler(hidden[:, 0]))                     # (B, C)
+    def pool(self, hidden, attention_mask=None):
+        """pooled = tanh(W_p h_[CLS] + b_p): the first token's state, as BERT was pre-trained to use it;
+        or tanh(W_p mean_t h_t + b_p) over the real tokens (pooling "mean")."""
+        if self.pooling == "cls":
+            return torch.tanh(self.pooler(hidden[:, 0]))                 # (B, C)
+        m = (attention_mask if attention_mask is not None else hidden.new_ones(hidden.shape[:2]))[..., None]
+        mean = (hidden * m.to(hidden.dtype)).sum(1) / m.sum(1).clamp(min=1).to(hidden.dtype)
+        return torch.tanh(self.pooler(mean))                             # (B, C)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        if self.pooling == "mean":
+            hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)   # (B, T, C)
+            return self.classifier(self.drop(self.pool(hidden, attention_mask)))
         B, T = (input_ids if embeddings is None else embeddings).shape[:2]
         first = torch.arange(B, device=(input_ids if embeddings is None else embeddings).device) * T
         # only [CLS] is pooled, so the last block computes only the [CLS] rows: (B, C) -> (B, 1, C)
