@@ -56,7 +56,7 @@ from model import CheckpointError, EncoderConfig, SequenceClassifier
 from plots import plot_metrics
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from trainer import Dist, TrainConfig, add_training_args, train
+from trainer import EX_TEMPFAIL, Dist, RunError, TrainConfig, add_training_args, file_fingerprint, train
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
@@ -496,6 +496,7 @@ def run(argv=None) -> dict:
     num_outputs = 1 if TASKS[task].one_output else len(classes)
 
     init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
+    torch.manual_seed(a.seed)         # a fresh head (or a scratch model) is the same on every start with this --seed
     if init.is_dir() or a.init:
         model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
         scratch = False
@@ -532,7 +533,7 @@ def run(argv=None) -> dict:
     if metric not in known:
         raise FinetuneError(f"--metric: {metric!r} is not a dev metric of --task {task}; choose one of {', '.join(known)}")
     # the recipe, then the method, the data pipeline and the schedule
-    dist_env = Dist(a.device)
+    dist_env = Dist(a.device, a.dist_timeout)
     batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
     recipe, why = resolve_recipe(a, task, n_train, model, dev is not None, batch_size, slots)
@@ -584,16 +585,23 @@ def run(argv=None) -> dict:
     monitor = ((metric, mode, a.early_stopping or NEVER) if recipe["select"] != "last"
                else (metric, mode, a.early_stopping) if a.early_stopping else None)
     t_train = time.time()
+    # what else must match for --resume to continue this run (the loop adds its own settings)
+    fingerprint = {"task": task, "method": a.method, "init": "scratch" if scratch else str(init.resolve()),
+                   "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length,
+                   "pooling": a.pooling}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
-                   log_fields={"epoch_steps": steps_per_epoch})
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
     train_seconds = time.time() - t_train
+    if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
+        dist_env.close()
+        return {"metrics": None, "model": model, "tokenizer": tokenizer, "info": None, "preempted": True}
 
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
             "pooling": a.pooling, "metric": metric,
             "init": "scratch" if scratch else str(init)}
-    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info, "preempted": False}
     if dist_env.is_main:
         model.eval()
         report = {"dev": evaluate(model, task, dev, tokenizer.pad_id) if dev else None,
@@ -616,11 +624,14 @@ def run(argv=None) -> dict:
                   "steps": result["step"], "stopped_early": result["stopped_early"], "train_examples": n_train,
                   "examples_seen": seen, "seconds": time.time() - t0, "train_seconds": train_seconds,
                   "examples_per_s": seen / max(train_seconds, 1e-9), "recipe": recipe, "recipe_why": why}
-        save_finetuned(a.out, model, tokenizer, info)
-        write_json(os.path.join(a.out, "metrics.json"), record)
-        for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
-            if split:
-                write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        try:
+            save_finetuned(a.out, model, tokenizer, info)
+            write_json(os.path.join(a.out, "metrics.json"), record)
+            for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
+                if split:
+                    write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
+        except OSError as e:
+            raise FinetuneError(f"cannot write the model to --out {a.out} (disk full?): {e.strerror or e}") from None
         plot_metrics(a.out, title=f"{task} / {a.method}")
         print(f"saved the model to {os.path.abspath(a.out)} (labels.json, metrics.json, predictions); try: "
               f"python predict.py {a.out} \"some text\"")
@@ -721,7 +732,7 @@ def run_spans(a) -> dict:
     apply_peft(model, a.method, **options)
     summary = trainable_summary(model)
     info["peft"] = options if a.method != "full" else None
-    dist_env = Dist(a.device)
+    dist_env = Dist(a.device, a.dist_timeout)
     n_train, batch_size, slots = len(train_enc["ids"]), a.batch_size or 32, dist_env.world_size * a.grad_accum
     steps_per_epoch = max(1, math.ceil(n_train / (batch_size * slots)))
     cfg = TrainConfig.from_args(
@@ -743,10 +754,15 @@ def run_spans(a) -> dict:
 
     monitor = (metric, "max", a.early_stopping) if a.early_stopping else None
     t_train = time.time()
+    fingerprint = {"task": task, "method": a.method, "init": str(pathlib.Path(a.init or DEFAULT_INIT).resolve()),
+                   "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn if dev_items else None,
-                   monitor=monitor, log_fields={"epoch_steps": steps_per_epoch})
+                   monitor=monitor, log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
     train_seconds = time.time() - t_train
-    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
+    if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
+        dist_env.close()
+        return {"metrics": None, "model": model, "tokenizer": tokenizer, "info": None, "preempted": True}
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info, "preempted": False}
     if dist_env.is_main:
         model.eval()
         report = {k: last[k] if k in last and not a.early_stopping else evaluate_split(model, k)
@@ -760,21 +776,33 @@ def run_spans(a) -> dict:
                   "stopped_early": result["stopped_early"], "train_examples": len(train_items),
                   "train_features": n_train, "examples_seen": seen, "seconds": time.time() - t0,
                   "train_seconds": train_seconds, "examples_per_s": seen / max(train_seconds, 1e-9)}
-        save_finetuned(a.out, model, tokenizer, info)
-        write_json(os.path.join(a.out, "metrics.json"), record)
-        for split, (_, pred) in report.items():
-            name = "predictions" + ("" if split == "dev" else "_test")
-            if task == "token":    # conlleval's input: word gold predicted, a blank line between sentences
-                with open(os.path.join(a.out, name + ".txt"), "w", encoding="utf-8") as f:
-                    for (words, gold), tags in zip(dev_items if split == "dev" else test_items, pred):
-                        f.write("".join(f"{w} {g} {p}\n" for w, g, p in zip(words, gold, tags)) + "\n")
-            else:                  # what the official evaluate-v1.1.py reads: {question id: answer}
-                write_json(os.path.join(a.out, name + ".json"), {q.id: s["answer"] for q, s in
-                                                                 zip(dev_items if split == "dev" else test_items, pred)})
+        try:
+            save_finetuned(a.out, model, tokenizer, info)
+            write_json(os.path.join(a.out, "metrics.json"), record)
+            for split, (_, pred) in report.items():
+                name = "predictions" + ("" if split == "dev" else "_test")
+                if task == "token":    # conlleval's input: word gold predicted, a blank line between sentences
+                    with open(os.path.join(a.out, name + ".txt"), "w", encoding="utf-8") as f:
+                        for (words, gold), tags in zip(dev_items if split == "dev" else test_items, pred):
+                            f.write("".join(f"{w} {g} {p}\n" for w, g, p in zip(words, gold, tags)) + "\n")
+                else:                  # what the official evaluate-v1.1.py reads: {question id: answer}
+                    write_json(os.path.join(a.out, name + ".json"), {q.id: s["answer"] for q, s in
+                                                                     zip(dev_items if split == "dev" else test_items, pred)})
+        except OSError as e:
+            raise FinetuneError(f"cannot write the model to --out {a.out} (disk full?): {e.strerror or e}") from None
         print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
         out["metrics"] = record
     dist_env.close()
     return out
+
+
+def data_fingerprint(path) -> str:
+    """A training file's size and SHA-256; a folder (simcse's WikiExtractor output): its files' names and sizes."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return f"folder of {len(files)} files, {sum(p.stat().st_size for p in files)} bytes"
+    return file_fingerprint(path)
 
 
 def examples_seen(data, steps) -> int:
@@ -838,7 +866,10 @@ def run_seeds(argv, a) -> dict:
         raise FinetuneError(f"--seeds: expected 1 or more, got {a.seeds}")
     runs = {}
     for seed in range(a.seed, a.seed + a.seeds):
-        record = run(argv + ["--seeds", "1", "--seed", str(seed), "--out", os.path.join(a.out, f"seed{seed}")])["metrics"]
+        out = run(argv + ["--seeds", "1", "--seed", str(seed), "--out", os.path.join(a.out, f"seed{seed}")])
+        if out.get("preempted"):        # this seed's run stopped with a checkpoint: --resume continues it
+            return out
+        record = out["metrics"]
         runs[seed] = record and record.get("dev")
     if not all(runs.values()):
         raise FinetuneError("--seeds: needs a labelled dev set to compare the seeds on")
@@ -853,15 +884,16 @@ def run_seeds(argv, a) -> dict:
 
 
 def main(argv=None) -> int:
-    """The command line: 0, or 2 after printing `error: <flag/file>: <what was expected>` (no traceback)."""
+    """The command line: 0 when finished; 75 (EX_TEMPFAIL) when pre-empted (nothing exported, --resume
+    finishes it); 2 after printing `error: <flag/file>: <what was expected>` (no traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         a = build_parser().parse_args(argv)
-        run_seeds(argv, a) if a.seeds != 1 else run(argv)
-    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError, AugmentError) as e:
+        out = run_seeds(argv, a) if a.seeds != 1 else run(argv)
+    except (FinetuneError, TaskDataError, CheckpointError, TokenizerError, PeftError, AugmentError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EX_TEMPFAIL if out.get("preempted") else 0
 
 
 if __name__ == "__main__":

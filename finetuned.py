@@ -28,7 +28,7 @@ import torch.nn as nn
 import losses
 from atomic import atomic_write
 from data.tasks import eval_order, pad_batch
-from model import SentenceEncoder, from_hf_bert, save_hf_bert
+from model import CheckpointError, SentenceEncoder, from_hf_bert, save_hf_bert
 from peft import load_peft, save_peft, without_peft
 from tokenizer import load_tokenizer
 
@@ -117,15 +117,17 @@ TASKS = {
 SPAN_TASKS = ("token", "qa")       # one output per token, not per example: their own inference below
 
 
-def build_model(path, task: str, num_outputs: int, pooling: str = "cls", **config_overrides):
+def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict: bool = False, **config_overrides):
     """The task's model from a BERT-layout folder: a SequenceClassifier, TokenClassifier or SpanExtractor,
     or for simcse a SentenceEncoder; `pooling` ("cls" or "mean") says which sentence vector a
-    SequenceClassifier or SentenceEncoder reads (the per-token heads pool nothing)."""
+    SequenceClassifier or SentenceEncoder reads (the per-token heads pool nothing). strict: a fine-tuned
+    folder, every tensor present (model.from_hf_bert); else a pre-trained encoder whose missing or
+    other-sized head starts afresh."""
     if pooling not in ("cls", "mean"):
         raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     if TASKS[task].head is None:
-        return SentenceEncoder(from_hf_bert(str(path), head=None, **config_overrides), pooling)
-    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, **config_overrides)
+        return SentenceEncoder(from_hf_bert(str(path), head=None, strict=strict, **config_overrides), pooling)
+    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, strict=strict, **config_overrides)
     if TASKS[task].head == "classifier":
         model.pooling = pooling             # [CLS] (BERT) or the mean of the real tokens: a head setting
     return model
@@ -331,27 +333,40 @@ def _one_logit_head(model):
 
 
 def load_finetuned(path):
-    """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
+    """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder. Strict: a tensor
+    missing, left over, shaped or typed wrong, or not finite is a CheckpointError naming the folder and the
+    tensor; a fine-tuned head is never made up (random answers that differ on every start)."""
     path = pathlib.Path(path)
     info = read_info(path)
+    task, n = info["task"], info["num_outputs"]
     tokenizer = load_tokenizer(path)
-    stored = info["num_outputs"]
-    if info["task"] == "binary":                     # written as [0, z] for transformers (older folders: z)
+    stored = n
+    if task == "binary":                             # written as [0, z] for transformers (older folders: z)
         stored = json.loads((path / "config.json").read_text()).get("num_labels", 1)
-    model = build_model(path, info["task"], stored, info.get("pooling") or "cls")
-    if stored == 2 and info["num_outputs"] == 1:
+    model = build_model(path, task, stored, info.get("pooling") or "cls", strict=True)
+    if stored == 2 and n == 1:
         _one_logit_head(model)
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise CheckpointError(f"{path / 'peft.safetensors'}: {name} holds non-finite values (NaN or inf)")
     return model.eval(), tokenizer, info
 
 
 def read_info(path) -> dict:
-    """A folder's labels.json: the task, the labels, max_length, ..."""
+    """A folder's labels.json: the task, the labels, max_length, ... Checked: a known task and a positive
+    num_outputs, else a FinetuneError naming the file."""
+    path = pathlib.Path(path)
     try:
-        return json.loads((pathlib.Path(path) / "labels.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        info = json.loads((path / "labels.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FinetuneError(f"{path}: not a finetune.py output (labels.json: {e})") from None
+    task, n = info.get("task") if isinstance(info, dict) else None, info.get("num_outputs") if isinstance(info, dict) else None
+    if task not in TASKS or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise FinetuneError(f"{path / 'labels.json'}: expected a 'task' (one of {', '.join(TASKS)}) and a positive "
+                            f"'num_outputs', got {task!r:.40} and {n!r:.20}")
+    return info
 
 
 def write_json(path, obj):

@@ -667,10 +667,14 @@ def read_hf_weights(path: str) -> dict:
     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin found")
 
 
-def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **config_overrides) -> nn.Module:
+def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, strict: bool = False,
+                 **config_overrides) -> nn.Module:
     """Load a BERT-layout folder. head: "mlm"/"clm" -> LanguageModel, "classifier" -> SequenceClassifier,
-    "token" -> TokenClassifier, "span" -> SpanExtractor, None -> bare Encoder. The encoder must be complete; an MLM head must be present for "mlm"; the pooler
-    and classifier are taken when present (and shaped right), else freshly initialised."""
+    "token" -> TokenClassifier, "span" -> SpanExtractor, None -> bare Encoder. The encoder must be complete;
+    an MLM head must be present for "mlm"; the pooler and classifier are taken when present (and shaped
+    right), else freshly initialised: what --init of a pre-trained encoder wants. strict=True (a fine-tuned
+    folder, whose head *is* the model): every tensor of the model present and shaped right, none left over.
+    Always: each tensor a finite float tensor."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no config.json (expected a BERT-layout folder: config.json, "
@@ -691,21 +695,29 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
     theirs = {re.sub(r"^bert\.", "", k): v for k, v in read_hf_weights(path).items()}
     prefix = "encoder." if head is None else ""
     ours = model.state_dict()
-    wanted = {}
+    wanted, source = {}, {}                  # our name -> tensor, and -> its name(s) in the checkpoint
     for name in ours:
         full = prefix + name
         m = re.match(r"encoder\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", full)
         if m:
             parts = [QKV[1].format(i=m.group(1), part=p, p=m.group(2)) for p in ("query", "key", "value")]
-            if all(p in theirs for p in parts):
-                wanted[name] = torch.cat([theirs.pop(p) for p in parts], dim=0)
+            if any(p in theirs for p in parts):
+                part_shape = (ours[name].shape[0] // 3, *ours[name].shape[1:])     # (C, C) or (C,)
+                for p in parts:
+                    if p not in theirs:
+                        raise CheckpointError(f"{path}: the checkpoint lacks {p} (its query/key/value siblings are there)")
+                    if tuple(theirs[p].shape) != part_shape:
+                        raise CheckpointError(f"{path}: {p} has shape {tuple(theirs[p].shape)} in the checkpoint, "
+                                              f"the config says {part_shape}")
+                    _check_tensor(path, p, theirs[p])
+                wanted[name], source[name] = torch.cat([theirs.pop(p) for p in parts], dim=0), parts[0]
             continue
         if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Identity):
             continue
         hf = _hf_name(full)
         if hf in theirs:
-            wanted[name] = theirs.pop(hf)
-    optional = ("pooler.", "classifier.", "qa_outputs.")
+            wanted[name], source[name] = theirs.pop(hf), hf
+    optional = () if strict else ("pooler.", "classifier.", "qa_outputs.")
     missing = [n for n in ours if n not in wanted and not n.startswith(optional)
                and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.Identity)]
     if missing:
@@ -715,19 +727,30 @@ def from_hf_bert(path: str, head: str | None = "mlm", num_labels: int = 2, **con
         raise CheckpointError(f"{path}: the checkpoint lacks {', '.join(names[:8])}{hint}")
     # Heads this model does not have (a pooler when loading an LM, an MLM head when loading a classifier)
     # are dropped knowingly; anything else left over means the checkpoint is not what we think it is.
-    leftover = sorted(k for k in theirs if not HF_IGNORED.search(k) and not k.startswith(HF_HEADS))
+    # A fine-tuned folder (strict) holds exactly its model: any leftover is wrong.
+    leftover = sorted(k for k in theirs if not HF_IGNORED.search(k) and (strict or not k.startswith(HF_HEADS)))
     if leftover:
         raise CheckpointError(f"{path}: unexpected keys in the checkpoint: {', '.join(leftover[:8])}"
                               + (" ..." if len(leftover) > 8 else ""))
     for name, t in list(wanted.items()):
         if t.shape != ours[name].shape:
-            if name.startswith("classifier."):   # a head for another label count: start it afresh
+            if name.startswith("classifier.") and not strict:   # a head for another label count: start it afresh
                 del wanted[name]
                 continue
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} in the checkpoint, "
-                                  f"the config says {tuple(ours[name].shape)}")
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} in the checkpoint ({source[name]}), "
+                                  f"the model needs {tuple(ours[name].shape)}")
+        _check_tensor(path, source[name], t)
     model.load_state_dict(wanted, strict=False)
     return model
+
+
+def _check_tensor(path, name, t: torch.Tensor):
+    """A weight must be a float tensor of finite numbers: an int tensor would be cast silently, a NaN
+    would make every answer NaN while the model still loads."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{path}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a float tensor")
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or inf)")
 
 
 def save_hf_bert(model: nn.Module, path: str, tokenizer=None, extra_config: dict | None = None) -> None:

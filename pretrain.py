@@ -44,14 +44,17 @@ class Shards:
             raise ValueError(f"--data {folder}: no meta.json, so it is not a prepared folder (make one with: "
                              f"python data/prepare.py --input {folder} --out data/{prepared_name(folder)}, "
                              f"then --data data/{prepared_name(folder)})")
-        with open(meta_path) as f:
-            self.meta = meta = json.load(f)
+        self.meta = meta = read_meta(meta_path)
         self.folder = folder
         self.dtype = np.dtype(meta["dtype"])
         self.vocab_size = int(meta["vocab_size"])
         self.tokenizer_path = os.path.join(folder, meta.get("tokenizer", "tokenizer.model"))
-        self.train = self._open("train.bin", meta.get("train_tokens", 0)) if need_train else None
-        self.val = self._open("val.bin", meta.get("val_tokens", 0))
+        self.train = self._open("train.bin", meta["train_tokens"]) if need_train else None
+        self.val = self._open("val.bin", meta["val_tokens"])
+
+    def fingerprint(self) -> str:
+        """The data's identity for --resume: meta.json's content (sources' checksums, token counts, tokenizer)."""
+        return trainer.file_fingerprint(os.path.join(self.folder, "meta.json"))
 
     def _open(self, name: str, expected_tokens: int):
         path = os.path.join(self.folder, name)
@@ -67,6 +70,30 @@ class Shards:
             raise ValueError(f"{path}: holds token id {top} but meta.json's vocab_size is {self.vocab_size} "
                              "(shards and tokenizer disagree)")
         return arr
+
+
+def read_meta(path: str) -> dict:
+    """meta.json, checked: the fields Shards reads, a token dtype that holds every id of the vocabulary
+    (data/prepare.py writes uint16 or uint32), a tokenizer inside the folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e}); re-run data/prepare.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (re-run data/prepare.py)")
+    for name, kind in (("dtype", str), ("vocab_size", int), ("train_tokens", int), ("val_tokens", int)):
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise ValueError(f"{path}: missing or invalid field {name!r} (expected {kind.__name__}, got "
+                             f"{meta.get(name)!r:.40}); re-run data/prepare.py")
+    if meta["dtype"] not in ("uint16", "uint32") or np.iinfo(meta["dtype"]).max < meta["vocab_size"] - 1:
+        raise ValueError(f"{path}: dtype {meta['dtype']!r:.20} cannot hold the ids of vocab_size {meta['vocab_size']} "
+                         "(expected uint16, or uint32 above 65536 pieces)")
+    tok = meta.get("tokenizer", "tokenizer.model")
+    folder = os.path.realpath(os.path.dirname(path))
+    if not isinstance(tok, str) or not os.path.realpath(os.path.join(folder, tok)).startswith(folder + os.sep):
+        raise ValueError(f"{path}: tokenizer {tok!r:.80} points outside its folder (expected a file name in it)")
+    return meta
 
 
 def batch_generator(seed: int, step: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -307,7 +334,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_env = trainer.Dist(args.device, tp=args.tp)
+    dist_env = trainer.Dist(args.device, args.dist_timeout, tp=args.tp)
     try:
         return run(args, dist_env)
     except (ValueError, FileNotFoundError) as e:      # bad input: one line, no traceback
@@ -393,7 +420,8 @@ def run(args, dist_env):
         save_hf_bert(m, args.out, tok)
 
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
-                           extra_state={"model_config": cfg.to_dict()})
+                           extra_state={"model_config": cfg.to_dict()},
+                           fingerprint={"objective": args.objective, "mask_rate": args.mask_rate, "data": shards.fingerprint()})
     if dist_env.is_main and not result["preempted"]:
         from plots import plot_metrics
         plot_metrics(args.out, title=f"{args.objective} pre-training: {note}")
@@ -411,4 +439,5 @@ def run(args, dist_env):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()        # pre-empted: EX_TEMPFAIL (75), so no pipeline takes an unfinished run for a finished one
+    sys.exit(trainer.EX_TEMPFAIL if result and result["preempted"] else 0)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import errno
+import glob
+import hashlib
 import json
 import math
 import os
@@ -70,7 +74,11 @@ class TrainConfig:
     seed: int = flag(1337, "seeds dropout (each rank its own) and the data order", type=int)
     resume: str | None = flag(None, "continue the run in --out (or from CHECKPOINT)", nargs="?", const="auto",
                               metavar="CHECKPOINT")
-    stop_at_step: int | None = flag(None, "save a checkpoint and exit at this step", type=int)
+    stop_at_step: int | None = flag(None, "save a checkpoint and exit (code 75) at this step", type=int)
+    allow_changed: str | None = flag(None, "--resume even though these settings differ from the saved run's, "
+                                     "comma-separated (e.g. max_steps to train a finished run longer)")
+    dist_timeout: float = flag(600, "seconds a collective may wait for the other ranks before failing "
+                               "(a dead or frozen rank)", type=float)
     tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
     wandb: str | None = flag(None, "also log to this Weights & Biases project (WANDB_MODE=offline: no network)",
                              metavar="PROJECT")
@@ -101,15 +109,59 @@ def fail(msg: str):
     sys.exit(2)
 
 
+# A pre-empted run (SIGTERM / SIGUSR1 / --stop-at-step) exits with this code: BSD's EX_TEMPFAIL, "try
+# again later". Not 0, so that a pipeline never deploys or reports an unfinished model; `--resume` finishes it.
+EX_TEMPFAIL = 75
+
+
+class RunError(ValueError):
+    """A run that cannot start or go on: --out unusable, --resume of another run, a checkpoint that cannot be
+    written, a rank that stopped answering. One line naming the flag or file and what was expected."""
+
+
+def preflight(cfg: "TrainConfig"):
+    """What can fail before the first step is checked before it: --out a writable folder, the TensorBoard
+    package when --tensorboard asks for it."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out}: is a file, expected a folder (or a path to create one)")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write-test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"--out {cfg.out}: cannot create or write there ({e.strerror or e})") from None
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise RunError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+
+
+def file_fingerprint(path) -> str:
+    """What identifies a data file's content for --resume: its size and SHA-256 (not its path: a moved
+    folder is the same data)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{os.path.getsize(path)} bytes, sha256 {h.hexdigest()[:16]}"
+
+
 # -----------------------------------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
 
 
 class Dist:
     """This process's place: rank / world_size over all processes; data_rank / data_world over the model
-    replicas (the same unless --tp > 1, where tp neighbouring ranks share one replica and one batch)."""
+    replicas (the same unless --tp > 1, where tp neighbouring ranks share one replica and one batch).
+    `timeout` (--dist-timeout): how long any collective waits for the other ranks; past it the collective
+    fails (a RunError naming this rank) instead of hanging forever on a dead or frozen rank."""
 
-    def __init__(self, device: str = "auto", tp: int = 1):
+    LOST = ("timed out", "timeout", "connection closed", "connection reset", "peer")   # gloo's words for it
+
+    def __init__(self, device: str = "auto", timeout: float = 600, tp: int = 1):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -121,8 +173,9 @@ class Dist:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+        self.is_main, self.timeout = self.rank == 0, timeout
         self.tp, self.mesh, self.data_group = tp, None, None
         self.data_rank, self.data_world = self.rank, self.world_size
         if tp > 1:
@@ -134,22 +187,38 @@ class Dist:
             self.data_rank, self.data_world = self.mesh["dp"].get_local_rank(), self.world_size // tp
             self.data_group = self.mesh["dp"].get_group()
 
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """A collective that fails (gloo: a timeout; NCCL: an aborted communicator) -> one RunError naming
+        this rank. (NCCL's watchdog may end the process itself first; torchrun then names the rank.)"""
+        try:
+            yield
+        except RuntimeError as e:       # DistBackendError and gloo's timeouts are RuntimeErrors
+            lost = isinstance(e, dist.DistError) or any(w in str(e).lower() for w in self.LOST)
+            if self.world_size == 1 or not lost:
+                raise                   # not a collective failing (an out-of-memory error, a bug): as it is
+            raise RunError(f"rank {self.rank} of {self.world_size}: {what} did not complete within --dist-timeout "
+                           f"{self.timeout:g} s (another rank died or froze?): {str(e).splitlines()[0][:160]}") from None
+
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel replicas (tensor-parallel peers hold the same numbers: counted once)."""
         if self.world_size > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
+            with self.collective("an all-reduce"):
+                dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
         return x
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is true on any (a stop request that reached one process)."""
         x = torch.tensor(float(flag), device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            with self.collective("an all-reduce"):
+                dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x.item() > 0
 
     def barrier(self):
         if self.world_size > 1:
-            dist.barrier()
+            with self.collective("a barrier"):
+                dist.barrier()
 
     def close(self):
         if self.world_size > 1 and dist.is_initialized():
@@ -214,15 +283,32 @@ def atomic_save(obj, path: str):
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        raise RunError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--resume: {path} is corrupt or not a plainbert checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        raise RunError(f"--resume: {path} is corrupt or not a plainbert checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= set(ckpt):
-        raise ValueError(f"--resume: {path} is not a plainbert training checkpoint (no model/optimizer/step)")
+        raise RunError(f"--resume: {path} is not a plainbert training checkpoint (no model/optimizer/step)")
     return ckpt
+
+
+def resume_differences(saved: dict, now: dict, step: int, allowed: set) -> list[str]:
+    """What makes `now` another run than the one `saved` (fingerprints: setting -> value) at `step`:
+    "name (saved: x, now: y)" for each setting that differs and is not in `allowed`. --max-steps may grow
+    when allowed (a finished run trained longer) but never fall below the step already reached. Settings an
+    older checkpoint did not record are not compared."""
+    short = lambda v: (repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "...")
+    out = []
+    for name in now:
+        if name not in saved or saved[name] == now[name]:
+            continue
+        if name == "max_steps" and now[name] < step:
+            out.append(f"max_steps {now[name]} is below the step already reached ({step})")
+        elif name not in allowed:
+            out.append(f"{name} (saved: {short(saved[name])}, now: {short(now[name])})")
+    return out
 
 
 def rng_state() -> dict:
@@ -397,15 +483,40 @@ class EarlyStopping:
 
 class Checkpointer:
     """checkpoint.pt (everything resuming needs, each rank's RNG included) and best_model.pt (early
-    stopping's best weights) in --out: written by rank 0, atomically; plain state_dicts."""
+    stopping's best weights) in --out: written by rank 0, atomically; plain state_dicts.
+
+    The checkpoint also holds the run's fingerprint: the loop's settings that decide what the next steps
+    compute (batch size, accumulation, lr and schedule, seed, max_steps, seq_len) and what the caller adds
+    (the objective, the data's fingerprint, the task, ...). --resume refuses a run whose fingerprint differs,
+    naming what differs, unless --allow-changed names it."""
+
+    LOOP_SETTINGS = ("batch_size", "grad_accum", "lr", "schedule", "warmup", "seed", "max_steps", "seq_len")
 
     def __init__(self, cfg: TrainConfig, par: Parallel, opt, scaler, dist_env: Dist, extra_state=None, on_save=None,
-                 record=None):
+                 record=None, fingerprint=None):
         self.cfg, self.par, self.opt, self.scaler, self.dist_env = cfg, par, opt, scaler, dist_env
         self.extra_state, self.on_save = extra_state or {}, on_save
         # the run's flags, for the record (what resuming reads is the rest of the checkpoint)
         self.record = {k: v for k, v in (record or vars(cfg)).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        self.fingerprint = {k: getattr(cfg, k) for k in self.LOOP_SETTINGS if getattr(cfg, k) is not None}
+        self.fingerprint.update(fingerprint or {})
+        self.allowed = {n.strip().replace("-", "_") for n in (cfg.allow_changed or "").split(",") if n.strip()}
+        unknown = sorted(self.allowed - set(self.fingerprint))
+        if unknown:
+            raise RunError(f"--allow-changed: unknown setting {unknown[0]!r}; expected some of "
+                           f"{', '.join(self.fingerprint)}")
         self.path, self.best_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "best_model.pt")
+        if dist_env.is_main:
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self):
+        """A run killed mid-save leaves checkpoint.pt.tmp.<pid> (atomic_write cleans up only when it can):
+        remove those whose process is gone, so a folder of restarts does not fill the disk."""
+        for tmp in glob.glob(os.path.join(glob.escape(self.cfg.out), "*.tmp.*")):
+            pid = tmp.rsplit(".", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
 
     def restore(self, early: EarlyStopping) -> tuple[int, int]:
         """(step, skipped steps) to start from: 0, 0, or those of --resume's checkpoint, loaded."""
@@ -416,7 +527,15 @@ class Checkpointer:
             return 0, 0
         path = self.path if resume == "auto" else resume
         ckpt = load_checkpoint(path)
-        self.par.load(ckpt["model"], self.opt, ckpt["optimizer"])
+        differ = resume_differences(ckpt.get("fingerprint", {}), self.fingerprint, ckpt["step"], self.allowed)
+        if differ:
+            raise RunError(f"--resume {path}: another run than the one saved: {'; '.join(differ)} "
+                           "(use the saved settings, another --out, or --allow-changed NAME,...)")
+        try:
+            self.par.load(ckpt["model"], self.opt, ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:      # load_state_dict's missing/unexpected/shape list
+            raise RunError(f"--resume {path}: its weights do not fit this model "
+                           f"({str(e).splitlines()[0][:200]})") from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         early.best, early.bad_evals = ckpt.get("best"), ckpt.get("bad_evals", 0)
@@ -428,29 +547,58 @@ class Checkpointer:
         return ckpt["step"], ckpt.get("skipped", 0)
 
     def save(self, step: int, skipped: int, early: EarlyStopping):
+        """The checkpoint, then (rank 0) the on_save hook. A failed write (a full disk) is one
+        RunError naming --out; the last good checkpoint stays (atomic_write)."""
         world = self.dist_env.world_size
         states = [None] * world
         if world > 1:
-            dist.all_gather_object(states, rng_state())
+            with self.dist_env.collective("gathering the RNG states"):
+                dist.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
         state, opt_state = self.par.state_dict(), self.par.optimizer_state(self.opt)
         if self.dist_env.is_main:
-            atomic_save({"model": state, "optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": step,
-                         "skipped": skipped, "best": early.best, "bad_evals": early.bad_evals, "rng": states,
-                         "cfg": self.record, **self.extra_state}, self.path)
+            with self.writing("checkpoint"):
+                atomic_save({"model": state, "optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": step,
+                             "skipped": skipped, "best": early.best, "bad_evals": early.bad_evals, "rng": states,
+                             "cfg": self.record, "fingerprint": self.fingerprint, **self.extra_state}, self.path)
             if self.on_save:
-                self.on_save(self.par.plain(state))
+                with self.writing("model"):
+                    self.on_save(self.par.plain(state))
         self.dist_env.barrier()
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """OSError (ENOSPC, EDQUOT, EIO) or torch.save's C++ writer failing -> one line naming --out."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("writ", "inline_container", "unexpected pos")):
+                raise                         # not a failed write: as it is
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise RunError(f"cannot write {what} to --out {self.cfg.out} ({'disk full' if full else 'disk full?'}: "
+                           f"{(e.strerror if isinstance(e, OSError) and e.strerror else str(e)).splitlines()[0][:160]})"
+                           ) from None
 
     def save_best(self):
         if self.dist_env.is_main:
-            atomic_save(model_state(self.par.raw), self.best_path)
+            with self.writing("the best model"):
+                atomic_save(model_state(self.par.raw), self.best_path)
 
     def restore_best(self, early: EarlyStopping):
         """Early stopping: put the best weights back."""
         if early.metric is not None and os.path.exists(self.best_path):
             self.par.raw.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process: alive
+        return True
+    return True
 
 
 def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast, dist_env: Dist):
@@ -488,7 +636,7 @@ def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast,
 
 
 def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
-          extra_state=None, log_fields=None) -> dict:
+          extra_state=None, log_fields=None, fingerprint=None) -> dict:
     """Train `model` in place; returns {"step", "stopped_early", "preempted", "last_eval", "best"}.
 
     config: a TrainConfig, or parsed flags holding its fields (pretrain.py passes its Namespace);
@@ -498,10 +646,14 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
         and 1 rank x 2 micro-batches see the same examples;
     eval_fn(model) -> dict of metrics (run on every rank with the plain, unwrapped model);
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
-    monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored.
+    monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored;
+    fingerprint: {setting: value} that, besides the loop's own settings, must match for --resume (Checkpointer).
+
+    Pre-empted (a signal or --stop-at-step): the checkpoint is saved and "preempted" is True; the caller
+    must then write no final results and exit with EX_TEMPFAIL. on_save still runs (an export per checkpoint).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_args(config)
-    os.makedirs(cfg.out, exist_ok=True)
+    preflight(cfg)
     # each replica draws its own dropout masks; tensor-parallel peers the same ones (their activations are
     # replicated, and must stay equal)
     torch.manual_seed(cfg.seed + dist_env.data_rank)
@@ -512,7 +664,8 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     autocast = amp_context(cfg.amp, dist_env.device)
     warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)
     early = EarlyStopping(*(monitor or ()))
-    ckpt = Checkpointer(cfg, par, opt, scaler, dist_env, extra_state, on_save, record=vars(config))
+    ckpt = Checkpointer(cfg, par, opt, scaler, dist_env, extra_state, on_save, record=vars(config),
+                        fingerprint=fingerprint)
     step, skipped = ckpt.restore(early)
     log = Logger(cfg, dist_env, par.raw, start=step, fields=log_fields)
     stop = StopRequested()
@@ -535,8 +688,9 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     while step < cfg.max_steps:
         batches = [data.micro_batch(step, i * dist_env.data_world + dist_env.data_rank) for i in range(cfg.grad_accum)]
         lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule)
-        loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
-                                                              autocast, dist_env)
+        with dist_env.collective("a training step (the gradient all-reduce)"):
+            loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
+                                                                  autocast, dist_env)
         step, skipped = step + 1, skipped + overflow
         log.step(step, batches, loss_sum, n_targets, lr, grad_norm, skipped)
         mid_run = step < cfg.max_steps
@@ -557,17 +711,29 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     stop.restore()
     log.close()
     if preempted and dist_env.is_main:
-        print(f"stopped at step {step}; checkpoint in {ckpt.path} (continue with --resume)")
+        print(f"pre-empted at step {step} of {cfg.max_steps}; checkpoint in {ckpt.path} (continue with --resume; "
+              f"exit code {EX_TEMPFAIL})")
     return {"step": step, "stopped_early": stopped_early, "preempted": preempted, "last_eval": last_eval,
             "best": early.best}
 
 
 def _truncate_log(path, step):
-    """After a resume, drop log lines written past the checkpoint, so the log reads as one run."""
+    """After a resume, drop log lines written past the checkpoint, so the log reads as one run. A torn last
+    line (the process died, or the disk filled, mid-write) is dropped too; a bad line elsewhere is an error."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):             # torn: everything before it is intact
+                break
+            raise RunError(f"{path}:{i}: not a JSON line ({e.msg}); fix or remove the line to --resume") from None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.writelines(keep)
 
@@ -584,11 +750,8 @@ class Logger:
         if not self.main:
             return
         self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                fail("--tensorboard needs the tensorboard package (pip install tensorboard)")
+        if cfg.tensorboard:                       # importable: preflight checked
+            from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(cfg.out)
         if cfg.wandb:
             try:

@@ -42,6 +42,19 @@ class TaskDataError(ValueError):
     """A task file that does not fit the task: `file:line: what was expected, what was found`."""
 
 
+def _short(value, n: int = 40) -> str:
+    """What an error message quotes of a file: repr (control characters and stray bytes escaped), at
+    most n characters, so a binary file or a 3 KB cell never floods the terminal."""
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _names(header, n: int = 80) -> str:
+    """The columns of a header line, for a message: joined, at most n characters, escaped."""
+    joined = ", ".join(str(c) for c in header)
+    return joined if len(joined) <= n and joined.isprintable() else _short(joined, n)
+
+
 # Column names recognised without flags, in order of preference: (text, pair). Matched case-insensitively.
 TEXT_COLUMNS = [("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
                 ("premise", "hypothesis"), ("#1 string", "#2 string"), ("text", "text_pair"),
@@ -88,16 +101,25 @@ def _table(path: pathlib.Path):
     except (OSError, EOFError, PrepareError) as e:
         raise TaskDataError(f"{path}: cannot read ({e})") from None
     except csv.Error as e:
-        raise TaskDataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        raise TaskDataError(f"{path}:{reader.line_num}: malformed CSV ({_short(str(e), 80)})") from None
     if not rows:
         raise TaskDataError(f"{path}: empty file: expected a header line and at least one example")
+    first = rows[0][1] if isinstance(rows[0][1], str) else ",".join(rows[0][1])
+    if "\x00" in first or first.count("\ufffd") > max(2, len(first) // 20):      # NULs, or bytes that are not UTF-8
+        raise TaskDataError(f"{path}: does not look like a text file (it starts {_short(first[:30])}); "
+                            "expected UTF-8 TSV, CSV or JSONL")
+    if kind == "tsv" and "\t" not in first and first.count(",") >= 1 and len(rows) > 1 and "\t" not in rows[1][1]:
+        raise TaskDataError(f"{path}: does not look tab-separated (its first line {_short(first, 60)} has commas and "
+                            "no tab); a CSV file should be named .csv")
     if kind == "jsonl":
         objects = []
         for i, line in rows:
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{i}: expected a JSON object per line ({e.msg})") from None
+            except (ValueError, RecursionError) as e:     # bad JSON, a 5,000-digit number, 5,000 nested lists
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(
+                    e, RecursionError) else _short(str(e), 60)
+                raise TaskDataError(f"{path}:{i}: expected a JSON object per line ({msg})") from None
             if not isinstance(obj, dict):
                 raise TaskDataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
             objects.append((i, obj))
@@ -122,7 +144,7 @@ def _pick_columns(path, header, text_col, pair_col, label_col, need_labels):
 
     def find(name, what):
         if name.lower() not in lower:
-            raise TaskDataError(f"{path}: unknown {what} column {name!r}; the file has {', '.join(header)}")
+            raise TaskDataError(f"{path}: unknown {what} column {name!r}; the file has {_names(header)}")
         return lower[name.lower()]
 
     if text_col:
@@ -131,7 +153,7 @@ def _pick_columns(path, header, text_col, pair_col, label_col, need_labels):
     else:
         found = next(((t, p) for t, p in TEXT_COLUMNS if t in lower), None)
         if found is None:
-            raise TaskDataError(f"{path}: no text column among {', '.join(header)}; expected one of "
+            raise TaskDataError(f"{path}: no text column among {_names(header)}; expected one of "
                                 "sentence, text, sentence1+sentence2, question+sentence, premise+hypothesis "
                                 "(or name it with --text-col)")
         text = lower[found[0]]
@@ -141,7 +163,7 @@ def _pick_columns(path, header, text_col, pair_col, label_col, need_labels):
     else:
         label = next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
         if label is None and need_labels:
-            raise TaskDataError(f"{path}: no label column among {', '.join(header)}; expected one of "
+            raise TaskDataError(f"{path}: no label column among {_names(header)}; expected one of "
                                 f"{', '.join(LABEL_COLUMNS)} (or name it with --label-col)")
     return text, pair, label
 
@@ -175,7 +197,9 @@ def _read_one(path, text_col, pair_col, label_col, need_labels) -> Examples:
         if isinstance(row, dict):
             missing = [c for c in columns.values() if c is not None and c not in row]
             if missing:
-                raise TaskDataError(f"{path}:{line}: no field {missing[0]!r} (the first line has {', '.join(header)})")
+                raise TaskDataError(f"{path}:{line}: no field {missing[0]!r} (the first line has {_names(header)})")
+            for c in columns.values():
+                _check_json_value(path, line, c, row[c] if c else None, is_label=c == columns["label"])
             get = lambda c: str(row[c])
         else:
             if len(row) != len(header):
@@ -189,6 +213,18 @@ def _read_one(path, text_col, pair_col, label_col, need_labels) -> Examples:
             labels.append(get(columns["label"]).strip())
         where.append(f"{path}:{line}")
     return Examples(texts, pairs, labels, where, columns, kind)
+
+
+def _check_json_value(path, line, column, value, is_label):
+    """A JSONL text must be a string (null would train on the text "None", a list on its repr); a label a
+    string or a number (not a bool, which would become the classes "True"/"False", nor null or a list)."""
+    if column is None:
+        return
+    ok = isinstance(value, (str, int, float)) and not isinstance(value, bool) if is_label else isinstance(value, str)
+    if not ok:
+        kind = "null" if value is None else type(value).__name__
+        raise TaskDataError(f"{path}:{line}: field {column!r} is {kind} {_short(value, 30)}; expected "
+                            + ("a string or a number" if is_label else "a string"))
 
 
 def read_sentences(paths, text_col=None, min_words=3, max_sentences=None) -> list[str]:
@@ -244,20 +280,20 @@ def label_classes(task: str, examples: Examples) -> list[str] | None:
         if not label:
             raise TaskDataError(f"{where}: empty label")
         if kind == "real":
-            raise TaskDataError(f"{where}: label {label!r} is not a class (a whole number or a name); "
+            raise TaskDataError(f"{where}: label {_short(label)} is not a class (a whole number or a name); "
                                 "scores need --task regression")
         if first_kind is None:
             first_kind = (kind, label, where)
         elif kind != first_kind[0]:
-            raise TaskDataError(f"{where}: mixed label types: {label!r} is {'a name' if kind == 'text' else 'a number'} "
-                                f"but {first_kind[2]} has {first_kind[1]!r}")
+            raise TaskDataError(f"{where}: mixed label types: {_short(label)} is {'a name' if kind == 'text' else 'a number'} "
+                                f"but {first_kind[2]} has {_short(first_kind[1])}")
         if name not in seen:
             if task == "binary" and len(seen) == 2:
-                raise TaskDataError(f"{where}: label {label!r} is a third class (after {', '.join(map(repr, seen))}); "
+                raise TaskDataError(f"{where}: label {_short(label)} is a third class (after {', '.join(map(repr, seen))}); "
                                     "--task binary has two classes: use --task multiclass")
             seen[name] = where
     if len(seen) < 2:
-        raise TaskDataError(f"{examples.where[0].rsplit(':', 1)[0]}: only one class ({next(iter(seen))!r}) "
+        raise TaskDataError(f"{examples.where[0].rsplit(':', 1)[0]}: only one class ({_short(next(iter(seen)))}) "
                             f"in the training labels; --task {task} needs at least two")
     return sorted(seen, key=(lambda c: int(c)) if first_kind[0] == "number" else None)
 
@@ -272,14 +308,14 @@ def encode_labels(task: str, examples: Examples, classes: list[str] | None) -> l
             try:
                 value = float(label)
             except ValueError:
-                raise TaskDataError(f"{where}: expected a numeric score for --task {task}, got {label!r}") from None
+                raise TaskDataError(f"{where}: expected a numeric score for --task {task}, got {_short(label)}") from None
             if not math.isfinite(value):
-                raise TaskDataError(f"{where}: expected a finite score, got {label!r}")
+                raise TaskDataError(f"{where}: expected a finite score, got {_short(label)}")
             out.append(value)
             continue
         name, kind = _as_class(label)
         if name not in index:
-            raise TaskDataError(f"{where}: label {label!r} is not one of the training classes "
+            raise TaskDataError(f"{where}: label {_short(label)} is not one of the training classes "
                                 f"{', '.join(classes)} (--task {task})")
         out.append(float(index[name]) if task == "binary" else index[name])
     return out
