@@ -159,6 +159,10 @@ def save_finetuned(out_dir, model, tokenizer, info):
 def load_finetuned(path):
     """(model in eval mode on the CPU, tokenizer, info) from a finetune.py output folder."""
     path = pathlib.Path(path)
+    if (path / "multitask.json").is_file() and not (path / "labels.json").is_file():
+        folders = sorted(p.name for p in path.iterdir() if (p / "labels.json").is_file())
+        raise FinetuneError(f"{path}: a multi-task output; give one task's folder: "
+                            + ", ".join(str(path / f) for f in folders))
     try:
         info = json.loads((path / "labels.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -294,7 +294,8 @@ def parallelize(model, cfg, dist_env: Dist) -> Parallel:
             fully_shard(unit)
         sharded = fully_shard(raw)
     elif dist_env.world_size > 1:
-        sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
+        sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None,   # a multi-task model uses
+                      find_unused_parameters=getattr(raw, "skips_parameters", False))  # one head a step
     return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp)
 
 
