@@ -6,6 +6,8 @@
     python finetune.py --task regression --init $MINILM --data data/glue/stsb
     python finetune.py --task simcse --init $MINILM --train sentences.txt --dev data/glue/stsb/dev.tsv
     python finetune.py --task binary --ensemble out/a,out/b --dev data/glue/sst2/dev.tsv --out out/ens
+    python finetune.py --init $MINILM --tasks sst2:binary:sst2/train.tsv:sst2/dev.tsv \
+        stsb:regression:stsb/train.tsv:stsb/dev.tsv cola:binary:cola/in_domain_train.tsv:cola/in_domain_dev.tsv
 
 Tasks: the head, the loss, the metric that picks the best checkpoint
     binary      one logit, binary cross-entropy          accuracy (MCC for CoLA)
@@ -21,6 +23,11 @@ vocab.txt), e.g. all-MiniLM-L6-v2. With no --train and nothing prepared (data/gl
 data/prepare_glue.py), --task binary writes a template sample to data/sample_binary; with no out/pretrain
 either, it trains a small model from random initialisation with a SentencePiece tokenizer trained on that
 sample, which learns the sample in about a minute on a CPU: the whole pipeline runs on a fresh clone.
+
+Multi-task (--tasks NAME:KIND:TRAIN[:DEV] ..., files comma-separated): one encoder, one head per task,
+each step one task's batch, drawn by --task-sampling (multitask.py). --out then holds one fine-tuned folder
+per task (--out/NAME, what predict.py and serve.py load; the encoder is saved in each), multitask.json, the
+root metrics.json (every task's dev metrics at each evaluation) and the checkpoint.
 
 Written to --out: the model as a BERT-layout folder (config.json, model.safetensors, tokenizer; PEFT
 methods add peft.json + peft.safetensors), labels.json (what load_finetuned needs), metrics.json,
@@ -48,7 +55,8 @@ from data.tasks import (Augmenter, TaskDataError, TaskDataset, encode_labels, ev
 from finetuned import (TASKS, FinetuneError, batch_of, build_model, encode, infer, load_finetuned, predict_proba,
                        save_finetuned, write_json)
 from metrics import classification_metrics, format_table, regression_metrics, spearman, pearson
-from model import CheckpointError, EncoderConfig, SequenceClassifier
+from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap
+from multitask import SAMPLING, MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from trainer import Dist, TrainConfig, add_training_args, train
@@ -85,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=list(TASKS), default="binary")
+    g.add_argument("--task", choices=list(TASKS), help="the task kind (default binary)")
+    g.add_argument("--tasks", nargs="+", metavar="NAME:KIND:TRAIN[:DEV]", help="multi-task: one head per task on "
+                   "one encoder, e.g. sst2:binary:sst2/train.tsv:sst2/dev.tsv stsb:regression:stsb/train.tsv")
+    g.add_argument("--task-sampling", choices=SAMPLING, default="proportional",
+                   help="multi-task: the chance of a task per step, by its size n (proportional) or n^(1/T)")
+    g.add_argument("--sampling-temperature", type=float, default=2.0, metavar="T",
+                   help="multi-task: T of --task-sampling temperature (1: proportional; large: uniform)")
     g.add_argument("--init", help="pretrain.py output or BERT-layout folder (default out/pretrain)")
     g.add_argument("--data", help="a folder with train.tsv, dev.tsv and optionally test.tsv (data/glue/<task>)")
     g.add_argument("--train", nargs="+", help="training file(s): TSV/CSV/JSONL with a header, or CoLA as it ships; "
@@ -128,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(a):
+    if a.tasks:
+        given = [f for f, on in (("--task", a.task), ("--data", a.data), ("--train", a.train), ("--dev", a.dev),
+                                 ("--test", a.test), ("--ensemble", a.ensemble), ("--rdrop", a.rdrop),
+                                 ("--contrastive-weight", a.contrastive_weight), ("--augment", a.augment),
+                                 ("--adversarial", a.adversarial != "none"), ("--eval-attack-eps", a.eval_attack_eps),
+                                 ("--fsdp", a.fsdp)) if on]
+        if given:
+            raise FinetuneError(f"--tasks: not combined with {', '.join(given)} (each task names its own files "
+                                "in NAME:KIND:TRAIN[:DEV]; the rest is single-task only)")
+    a.task = a.task or "binary"
     classify = TASKS[a.task].score_name is None           # the labels are classes
     if a.rdrop and not classify:
         raise FinetuneError(f"--rdrop: needs a classification task, not --task {a.task}")
@@ -314,6 +338,8 @@ def run(argv=None) -> dict:
     """Parse, fine-tune (or ensemble), write the outputs; returns {"metrics", "model", "tokenizer", "info"}."""
     a = build_parser().parse_args(argv)
     check_args(a)
+    if a.tasks:
+        return run_multitask(a)
     if a.ensemble:
         return run_ensemble(a)
     task, t0 = a.task, time.time()
@@ -331,6 +357,7 @@ def run(argv=None) -> dict:
     num_outputs = 1 if TASKS[task].one_output else len(classes)
 
     init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
+    torch.manual_seed(a.seed)            # a fresh head (and pooler) is the same in every run, not the RNG's leftovers
     if init.is_dir() or a.init:
         model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
         scratch = False
@@ -437,6 +464,135 @@ def run(argv=None) -> dict:
         out["metrics"] = record
     dist_env.close()
     return out
+
+
+# -----------------------------------------------------------------------------------------------------
+# multi-task: the same loop, with multitask.MultiTaskData and one head per task
+
+
+def run_multitask(a) -> dict:
+    """--tasks: read and encode every task, train one MultiTaskClassifier with trainer.train, write one
+    fine-tuned folder per task (--out/NAME) and the root metrics.json / multitask.json."""
+    specs, t0 = parse_tasks(a.tasks), time.time()
+    train_ex = {}
+    for s in specs:
+        ex = read_examples(s.train, a.text_col, a.text_pair_col, a.label_col).head(a.max_train_examples)
+        if s.kind == "pair" and ex.pairs is None:
+            raise FinetuneError(f"--tasks {s.name}: {s.train[0]} has no second text column (name it with --text-pair-col)")
+        train_ex[s.name] = ex
+    classes = {s.name: label_classes(s.kind, train_ex[s.name]) for s in specs}
+    outputs = {s.name: 1 if TASKS[s.kind].one_output else len(classes[s.name]) for s in specs}
+    init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
+    if not init.is_dir() and not a.init:
+        raise FinetuneError(f"--init: the default {DEFAULT_INIT} does not exist; pass --init DIR (any BERT-layout folder)")
+    torch.manual_seed(a.seed)            # fresh heads (and a pooler the checkpoint lacks): the same in every run
+    base, tokenizer = load_init(init, "binary", 1, dropout=a.dropout)
+    model = MultiTaskClassifier.around(base, outputs)
+    max_length = min(a.max_length or 128, model.config.max_position)
+
+    tasks = {}                     # name -> what training, evaluation and saving need of that task
+    for s in specs:
+        ex = train_ex[s.name]
+        ids, types = encode(tokenizer, ex.texts, ex.pairs, max_length)
+        dev = encode_split(tokenizer, s.kind, *read_split(a, s.dev, s.kind, classes[s.name]), max_length) if s.dev else None
+        tasks[s.name] = {"kind": s.kind, "ids": ids, "types": types, "labels": encode_labels(s.kind, ex, classes[s.name]),
+                         "dev": dev, "metric": default_metric(s.kind, ex.layout), "examples": ex}
+    metric = a.metric or "average"
+    known = ["average"] + [f"{n}/{m}" for n, t in tasks.items() for m in TASKS[t["kind"]].metrics]
+    if metric not in known:
+        raise FinetuneError(f"--metric: with --tasks, expected average or NAME/METRIC ({', '.join(known[:4])}, ...), got {metric!r}")
+    if not any(t["dev"] for t in tasks.values()) and (a.early_stopping or a.metric):
+        raise FinetuneError("--early-stopping/--metric: needs a dev set in at least one task (NAME:KIND:TRAIN:DEV)")
+
+    options = {name: getattr(a, name) for name in known_options()}
+    apply_peft(model, a.method, **options)
+    summary = trainable_summary(model)
+    dist_env = Dist(a.device)
+    batch_size, slots = a.batch_size or 32, dist_env.world_size * a.grad_accum
+    sizes = [len(tasks[s.name]["ids"]) for s in specs]
+    steps_per_epoch = max(1, math.ceil(sum(sizes) / (batch_size * slots)))    # all tasks' batches, once
+    cfg = TrainConfig.from_args(a, batch_size=batch_size, lr=a.lr or METHODS[a.method].lr,
+                                max_steps=a.max_steps or max(1, math.ceil((a.epochs or 3) * steps_per_epoch)),
+                                eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
+    p = sampling_probabilities(sizes, a.task_sampling, a.sampling_temperature)
+    data = MultiTaskData({n: TaskDataset(t["ids"], t["types"], t["labels"], cfg.batch_size, slots, cfg.seed,
+                                         tokenizer.pad_id, label_dtype=TASKS[t["kind"]].label_dtype)
+                          for n, t in tasks.items()}, TaskSampler(p, cfg.seed))
+    if dist_env.is_main:
+        print(f"{len(tasks)} tasks, {cfg.max_steps:,} steps of {cfg.batch_size * slots}, lr {cfg.lr:g}, method "
+              f"{a.method}: {summary['trainable']:,} of {summary['total']:,} parameters train")
+        for (n, t), n_t, p_t in zip(tasks.items(), sizes, p):
+            print(f"  {n} ({t['kind']}): {n_t:,} examples, p = {p_t:.3f}, ~{p_t * cfg.max_steps:.0f} steps "
+                  f"= {p_t * cfg.max_steps * cfg.batch_size * slots / n_t:.2f} epochs, judged by {t['metric']}")
+
+    def loss_fn(model, batch):
+        """The step's task's head and loss, summed over its examples (the loop divides by their number)."""
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, task=batch["task"])
+        return task_loss(tasks[batch["task"]]["kind"], batch["labels"], a.label_smoothing)(logits)
+
+    eval_fn = (lambda m: evaluate_tasks(unwrap(m), tasks, tokenizer.pad_id)[0]) if any(t["dev"] for t in tasks.values()) else None
+    monitor = (metric, "min" if metric.rsplit("/", 1)[-1] in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
+    t_train = time.time()
+    result = train(model, loss_fn, data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
+                   log_fields={"epoch_steps": steps_per_epoch})
+    train_seconds = time.time() - t_train
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "tasks": {}}
+    if dist_env.is_main:
+        model.eval()
+        flat, preds = evaluate_tasks(model, tasks, tokenizer.pad_id) if eval_fn else ({}, {})
+        steps = data.steps_per_task(result["step"])
+        record = {"tasks": {}, "average": flat.get("average"), "metric": metric, "best": result["best"],
+                  "steps": result["step"], "stopped_early": result["stopped_early"], "task_sampling": a.task_sampling,
+                  "sampling_temperature": a.sampling_temperature if a.task_sampling == "temperature" else None,
+                  "method": a.method, "trainable_params": summary["trainable"], "total_params": summary["total"],
+                  "seconds": time.time() - t0, "train_seconds": train_seconds,
+                  "evaluations": eval_history(os.path.join(a.out, "metrics.jsonl"))}
+        for (n, t), s, p_t in zip(tasks.items(), specs, p):
+            info = {"task": t["kind"], "labels": classes[n], "num_outputs": outputs[n],
+                    "label_map": None if classes[n] is None else {c: i for i, c in enumerate(classes[n])},
+                    "columns": t["examples"].columns, "layout": t["examples"].layout, "max_length": max_length,
+                    "method": a.method, "peft": options if a.method != "full" else None, "pooling": None,
+                    "metric": t["metric"], "init": str(init), "multitask": {"name": n, "tasks": list(tasks)}}
+            dev_metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(n + "/")}
+            mine = {"task": t["kind"], "name": n, "dev": dev_metrics or None, "metric": t["metric"],
+                    "train_examples": len(t["ids"]), "sampling_probability": float(p_t), "steps": steps[n],
+                    "examples_seen": examples_seen(data.datasets[n], steps[n])}
+            record["tasks"][n] = mine
+            folder = os.path.join(a.out, n)
+            save_finetuned(folder, model.task_model(n), tokenizer, info)
+            write_json(os.path.join(folder, "metrics.json"), {**mine, "multitask": a.out})
+            if t["dev"]:
+                write_predictions(os.path.join(folder, "predictions.tsv"), t["kind"], t["dev"]["examples"], preds[n], classes[n])
+            out["tasks"][n] = {"info": info, "folder": folder}
+        print(format_table({n: r["dev"] for n, r in record["tasks"].items() if r["dev"]}, title=f"{len(tasks)} tasks / {a.method}"))
+        write_json(os.path.join(a.out, "metrics.json"), record)
+        write_json(os.path.join(a.out, "multitask.json"), {"tasks": {s.name: {"kind": s.kind, "folder": s.name,
+                                                           "train": s.train, "dev": s.dev} for s in specs}})
+        print(f"wrote {a.out}: one fine-tuned folder per task ({', '.join(tasks)}), metrics.json, multitask.json")
+        out["metrics"] = record
+    dist_env.close()
+    return out
+
+
+def evaluate_tasks(model, tasks, pad_id) -> tuple[dict, dict]:
+    """({"NAME/METRIC": value, ..., "average": mean of each task's own metric}, {NAME: predictions}) over
+    the tasks with a dev set; each task evaluated through its own head (MultiTaskClassifier.task_model)."""
+    flat, preds, chosen = {}, {}, []
+    for name, t in tasks.items():
+        if t["dev"]:
+            metrics, preds[name] = evaluate(model.task_model(name), t["kind"], t["dev"], pad_id)
+            flat.update({f"{name}/{k}": v for k, v in metrics.items()})
+            chosen.append(metrics[t["metric"]])
+    flat["average"] = float(np.mean(chosen))
+    return flat, preds
+
+
+def eval_history(path) -> list[dict]:
+    """The evaluations of the run as metrics.jsonl holds them (a resumed run's too): [{"step", "NAME/METRIC"...}]."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+            for r in rows if any(k.startswith("eval/") for k in r)]
 
 
 def examples_seen(data, steps) -> int:
