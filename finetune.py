@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", type=float, nargs="?", const=0.1, default=0.0, metavar="RATE",
                    help="token edits on the fly (swap/delete/insert/neighbour replace), RATE of tokens (0.1)")
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
-    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="simcse: sentence vector")
+    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
+                   "better for a model pre-trained with MLM alone, and simcse's choice)")
     add_training_args(p, out="out/finetune", max_steps=None, lr=None, batch_size=None, beta2=0.999, eval_every=None)
     return p
 
@@ -434,7 +435,7 @@ def run(argv=None) -> dict:
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
-            "pooling": a.pooling if task == "simcse" else None, "metric": metric,
+            "pooling": a.pooling, "metric": metric,
             "init": "scratch" if scratch else str(init)}
     out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info}
     if dist_env.is_main:
@@ -486,7 +487,7 @@ def run_multitask(a) -> dict:
     if not init.is_dir() and not a.init:
         raise FinetuneError(f"--init: the default {DEFAULT_INIT} does not exist; pass --init DIR (any BERT-layout folder)")
     torch.manual_seed(a.seed)            # fresh heads (and a pooler the checkpoint lacks): the same in every run
-    base, tokenizer = load_init(init, "binary", 1, dropout=a.dropout)
+    base, tokenizer = load_init(init, "binary", 1, a.pooling, a.dropout)
     model = MultiTaskClassifier.around(base, outputs)
     max_length = min(a.max_length or 128, model.config.max_position)
 
@@ -551,7 +552,7 @@ def run_multitask(a) -> dict:
             info = {"task": t["kind"], "labels": classes[n], "num_outputs": outputs[n],
                     "label_map": None if classes[n] is None else {c: i for i, c in enumerate(classes[n])},
                     "columns": t["examples"].columns, "layout": t["examples"].layout, "max_length": max_length,
-                    "method": a.method, "peft": options if a.method != "full" else None, "pooling": None,
+                    "method": a.method, "peft": options if a.method != "full" else None, "pooling": a.pooling,
                     "metric": t["metric"], "init": str(init), "multitask": {"name": n, "tasks": list(tasks)}}
             dev_metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(n + "/")}
             mine = {"task": t["kind"], "name": n, "dev": dev_metrics or None, "metric": t["metric"],

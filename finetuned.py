@@ -90,10 +90,15 @@ TASKS = {
 
 
 def build_model(path, task: str, num_outputs: int, pooling: str = "cls", **config_overrides):
-    """The task's model from a BERT-layout folder: a SequenceClassifier, or for simcse a SentenceEncoder."""
+    """The task's model from a BERT-layout folder: a SequenceClassifier, or for simcse a SentenceEncoder;
+    `pooling` ("cls" or "mean") says which sentence vector either one reads."""
+    if pooling not in ("cls", "mean"):
+        raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     if TASKS[task].head is None:
         return SentenceEncoder(from_hf_bert(str(path), head=None, **config_overrides), pooling)
-    return from_hf_bert(str(path), head="classifier", num_labels=num_outputs, **config_overrides)
+    model = from_hf_bert(str(path), head="classifier", num_labels=num_outputs, **config_overrides)
+    model.pooling = pooling                 # [CLS] (BERT) or the mean of the real tokens: a head setting
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------

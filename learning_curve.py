@@ -46,7 +46,7 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
-           "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+           "--pooling", a.pooling, "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json")
 
 
@@ -205,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per size (the median is reported)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="the one shuffle the nested subsets are cut from")
     p.add_argument("--out", default="out/curve")
+    p.add_argument("--collect-only", action="store_true", help="run nothing: table, curve.json and curve.png "
+                   "from the runs already finished under --out (e.g. arms run with different --seeds)")
     g = p.add_argument_group("fine-tuning recipe (the same for every arm)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--also-lr", type=float, help="learning rate for the --also folders (default --lr)")
@@ -214,6 +216,7 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=1500, help="cap per run (the CPU budget)")
     g.add_argument("--warmup", type=float, default=0.1)
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
+    g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
     g = p.add_argument_group("task-adaptive pre-training")
     g.add_argument("--tapt-steps", type=int, default=1000)
     g.add_argument("--tapt-lr", type=float, default=5e-4)
@@ -259,12 +262,15 @@ def main(argv=None):
     if "pretrained" in arms:
         runs.append(("pretrained", a.pretrained, a.lr))
     if "tapt" in arms:
-        print(f"task-adaptive pre-training of {a.pretrained} on {total:,} training texts ({a.tapt_steps} steps)")
-        runs.append(("pretrained + TAPT", task_adaptive_pretraining(a.pretrained, examples.texts, out / "tapt", a), a.lr))
+        if not a.collect_only:
+            print(f"task-adaptive pre-training of {a.pretrained} on {total:,} training texts ({a.tapt_steps} steps)")
+        tapt = str(out / "tapt" / "model") if a.collect_only else task_adaptive_pretraining(
+            a.pretrained, examples.texts, out / "tapt", a)
+        runs.append(("pretrained + TAPT", tapt, a.lr))
     if "also" in arms:
         runs += [(item.split("=", 1)[0], item.split("=", 1)[1], a.also_lr or a.lr) for item in a.also]
 
-    results = json.loads((out / "curve.json").read_text())["runs"] if (out / "curve.json").is_file() else {}
+    results = {}        # rebuilt from the finished runs under out/runs, whatever invocation ran them
     order = [arm for arm, _, _ in runs] + (["bow"] if "bow" in arms else [])
 
     def record(arm, size, metrics_, extra):
@@ -283,17 +289,20 @@ def main(argv=None):
         n = counts[size]
         if "bow" in arms:
             folder = out / "runs" / "bow" / f"n{n}"
-            if not (folder / "metrics.json").is_file():
+            if not (folder / "metrics.json").is_file() and not a.collect_only:
                 folder.mkdir(parents=True, exist_ok=True)
                 run_logged([sys.executable, str(ROOT / "baseline.py"), "--train", str(subsets[n]), "--dev", *a.dev,
                             "--task", a.task, "--out", str(folder / "metrics.json")], folder, folder / "metrics.json")
-            record("bow", size, json.loads((folder / "metrics.json").read_text()), {"seed": 0})
+            if (folder / "metrics.json").is_file():
+                record("bow", size, json.loads((folder / "metrics.json").read_text()), {"seed": 0})
         steps = fine_tune_steps(n, a.batch_size, a.epochs, a.min_steps, a.max_steps)
         for seed in range(1, a.seeds + 1):
             for arm, init, lr in runs:
                 folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
                 if (folder / "metrics.json").is_file():
                     m = json.loads((folder / "metrics.json").read_text())
+                elif a.collect_only:
+                    continue
                 else:
                     start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
                     t0 = time.time()

@@ -353,23 +353,38 @@ class LanguageModel(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """Encoder + BERT pooler + linear: one vector of scores per sequence (num_labels=1: regression)."""
+    """Encoder + BERT pooler + linear: one vector of scores per sequence (num_labels=1: regression).
 
-    def __init__(self, cfg: EncoderConfig, num_labels: int = 2, classifier_dropout: float | None = None):
+    pooling "cls" reads the [CLS] state, as BERT does; "mean" averages the real tokens' states, which a
+    model pre-trained with MLM alone (no sentence-level objective ever shaped its [CLS]) can use from the
+    first step of fine-tuning."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int = 2, classifier_dropout: float | None = None,
+                 pooling: str = "cls"):
         super().__init__()
-        self.config, self.num_labels = cfg, num_labels
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.config, self.num_labels, self.pooling = cfg, num_labels, pooling
         self.encoder = Encoder(cfg)
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.dropout if classifier_dropout is None else classifier_dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         self.apply(init_weights)
 
-    def pool(self, hidden):
-        """pooled = tanh(W_p h_[CLS] + b_p): the first token's state, as BERT was pre-trained to use it."""
-        return torch.tanh(self.pooler(hidden[:, 0]))                     # (B, C)
+    def pool(self, hidden, attention_mask=None):
+        """pooled = tanh(W_p h_[CLS] + b_p): the first token's state, as BERT was pre-trained to use it;
+        or tanh(W_p mean_t h_t + b_p) over the real tokens (pooling "mean")."""
+        if self.pooling == "cls":
+            return torch.tanh(self.pooler(hidden[:, 0]))                 # (B, C)
+        m = (attention_mask if attention_mask is not None else hidden.new_ones(hidden.shape[:2]))[..., None]
+        mean = (hidden * m.to(hidden.dtype)).sum(1) / m.sum(1).clamp(min=1).to(hidden.dtype)
+        return torch.tanh(self.pooler(mean))                             # (B, C)
 
     def features(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
         """Dropout(pooled): what the classifier reads, (B, C)."""
+        if self.pooling == "mean":
+            hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)   # (B, T, C)
+            return self.drop(self.pool(hidden, attention_mask))
         B, T = (input_ids if embeddings is None else embeddings).shape[:2]
         first = torch.arange(B, device=(input_ids if embeddings is None else embeddings).device) * T
         # only [CLS] is pooled, so the last block computes only the [CLS] rows: (B, C) -> (B, 1, C)
@@ -389,8 +404,9 @@ class MultiTaskClassifier(SequenceClassifier):
 
     skips_parameters = True          # DDP must look for the unused heads each step (trainer.parallelize)
 
-    def __init__(self, cfg: EncoderConfig, outputs: dict[str, int], classifier_dropout: float | None = None):
-        super().__init__(cfg, 1, classifier_dropout)
+    def __init__(self, cfg: EncoderConfig, outputs: dict[str, int], classifier_dropout: float | None = None,
+                 pooling: str = "cls"):
+        super().__init__(cfg, 1, classifier_dropout, pooling)
         del self.classifier
         self.heads = nn.ModuleDict({name: nn.Linear(cfg.hidden_size, k) for name, k in outputs.items()})
         self.heads.apply(init_weights)
@@ -400,7 +416,7 @@ class MultiTaskClassifier(SequenceClassifier):
         """A multi-task model on `base`'s encoder, pooler and dropout (taken, not copied), fresh heads."""
         with torch.device("meta"):   # no memory or time for an encoder that is replaced at once
             mt = cls(base.config, outputs)
-        mt.encoder, mt.pooler, mt.drop = base.encoder, base.pooler, base.drop
+        mt.encoder, mt.pooler, mt.drop, mt.pooling = base.encoder, base.pooler, base.drop, base.pooling
         mt.heads.to_empty(device=base.pooler.weight.device).apply(init_weights)
         return mt
 
@@ -413,7 +429,7 @@ class MultiTaskClassifier(SequenceClassifier):
         """Task `task` alone as a plain SequenceClassifier sharing this model's modules (no copy): what
         save_finetuned writes, and what predict.py reads back, for that task."""
         with torch.device("meta"):
-            single = SequenceClassifier(self.config, self.heads[task].out_features)
+            single = SequenceClassifier(self.config, self.heads[task].out_features, pooling=self.pooling)
         single.encoder, single.pooler, single.drop, single.classifier = self.encoder, self.pooler, self.drop, self.heads[task]
         return single
 

@@ -126,13 +126,13 @@ class PretrainData:
         body = torch.from_numpy(self.stream[start:start + self.body].astype(np.int64))
         return torch.cat([torch.tensor([self.cls_id]), body])
 
-    def make_batch(self, starts, generator):
+    def make_batch(self, starts, generator, mask_rate=None):
         tokens = torch.stack([self.window(int(s)) for s in starts])            # (B, T) or (B, T+1)
         if self.args.objective == "clm":
             inputs, labels = tokens[:, :-1], tokens[:, 1:]                     # predict the next token
         else:
             inputs, labels = mask_tokens(tokens, generator, self.vocab_size, self.special_ids, self.mask_id,
-                                         self.args.mask_rate)
+                                         mask_rate or self.args.mask_rate)
         return {"input_ids": inputs, "labels": labels, "num_targets": int((labels != -100).sum()),
                 "num_tokens": inputs.numel()}
 
@@ -142,11 +142,13 @@ class PretrainData:
         return self.make_batch(starts, g)
 
     def eval_batches(self, n_batches: int, rank: int, world: int):
-        """Fixed, non-overlapping windows from the start of the stream, masked with a fixed seed."""
+        """Fixed, non-overlapping windows from the start of the stream, masked with a fixed seed (at
+        --eval-mask-rate, so that runs trained at different mask rates are scored on the same task)."""
         n = min(n_batches * self.args.batch_size, (len(self.stream) - 1) // self.body)
         starts = torch.arange(n) * self.body
         g = batch_generator(self.args.seed, 0, 0, stream=1)
-        batches = [self.make_batch(starts[i:i + self.args.batch_size], g) for i in range(0, n, self.args.batch_size)]
+        rate = getattr(self.args, "eval_mask_rate", None)
+        batches = [self.make_batch(starts[i:i + self.args.batch_size], g, rate) for i in range(0, n, self.args.batch_size)]
         return batches[rank::world]
 
 
@@ -268,14 +270,17 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
+    p.add_argument("--eval-mask-rate", type=float, help="MLM: mask rate of the validation batches (default "
+                   "--mask-rate; fix it, e.g. 0.15, to compare runs trained at different rates)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
     # defaults: a tiny model that visibly learns in a few minutes on a laptop CPU; real runs set these
     trainer.add_training_args(p, out="out/pretrain", max_steps=500, batch_size=32, lr=1e-3, warmup=0.05,
                               eval_every=100, save_every=250)
     args = p.parse_args(argv)
-    if not 0 < args.mask_rate < 1:
-        trainer.fail(f"--mask-rate {args.mask_rate}: expected a fraction between 0 and 1")
+    for flag, rate in (("--mask-rate", args.mask_rate), ("--eval-mask-rate", args.eval_mask_rate)):
+        if rate is not None and not 0 < rate < 1:
+            trainer.fail(f"{flag} {rate}: expected a fraction between 0 and 1")
     if args.init is not None:
         given = [f for f, v in (("--model", args.model), ("--norm", args.norm)) if v is not None]
         if given:

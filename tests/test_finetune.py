@@ -181,6 +181,31 @@ def test_load_finetuned_reproduces_the_trained_models_predictions_exactly(tiny_i
     assert res["metrics"]["trainable_percent"] < 100 or method == "full"
 
 
+def test_mean_pooling_classifier_averages_real_tokens_and_reloads_exactly(tiny_init, binary_data, tmp_path):
+    """--pooling mean: the head reads tanh(W mean_t h_t + b) over the real tokens (padding never counts), and
+    the saved folder reloads to the same predictions."""
+    import model as M
+    torch.manual_seed(0)
+    clf = M.SequenceClassifier(M.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                               intermediate_size=32, max_position=16), 2, pooling="mean").eval()
+    ids = torch.randint(5, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        h = clf.encoder(ids, mask)
+        expected = clf.classifier(torch.tanh(clf.pooler(torch.stack([h[0].mean(0), h[1, :3].mean(0)]))))
+        assert torch.allclose(clf(ids, mask), expected, atol=1e-6)
+        short = clf(ids[1:, :3], mask[1:, :3])
+    assert torch.allclose(clf(ids, mask)[1:], short, atol=1e-5), "padding must not change the mean"
+    train, dev = binary_data
+    out = tmp_path / "mean"
+    res = finetune_run(tiny_init, out, "--train", str(train), "--dev", str(dev), "--max-steps", "3", "--pooling", "mean")
+    texts = read_examples([dev]).texts
+    trained = finetune.predict_proba(res["model"].cpu(), res["tokenizer"], texts, info=res["info"])
+    model, tok, info = finetune.load_finetuned(out)
+    assert info["pooling"] == "mean" and model.pooling == "mean"
+    assert np.array_equal(finetune.predict_proba(model, tok, texts, info=info), trained)
+
+
 def test_adversarial_augment_and_contrastive_losses_train(tiny_init, binary_data, tmp_path):
     train, dev = binary_data
     res = finetune_run(tiny_init, tmp_path / "out", "--train", str(train), "--dev", str(dev), "--max-steps", "2",
