@@ -6,6 +6,8 @@
     python finetune.py --task regression --init $MINILM --data data/glue/stsb
     python finetune.py --task simcse --init $MINILM --train sentences.txt --dev data/glue/stsb/dev.tsv
     python finetune.py --task binary --ensemble out/a,out/b --dev data/glue/sst2/dev.tsv --out out/ens
+    python finetune.py --init $MINILM --tasks sst2:binary:sst2/train.tsv:sst2/dev.tsv \
+        stsb:regression:stsb/train.tsv:stsb/dev.tsv cola:binary:cola/in_domain_train.tsv:cola/in_domain_dev.tsv
 
 Tasks: the head, the loss, the metric that picks the best checkpoint
     binary      one logit, binary cross-entropy          accuracy (MCC for CoLA)
@@ -21,6 +23,11 @@ vocab.txt), e.g. all-MiniLM-L6-v2. With no --train and nothing prepared (data/gl
 data/prepare_glue.py), --task binary writes a template sample to data/sample_binary; with no out/pretrain
 either, it trains a small model from random initialisation with a SentencePiece tokenizer trained on that
 sample, which learns the sample in about a minute on a CPU: the whole pipeline runs on a fresh clone.
+
+Multi-task (--tasks NAME:KIND:TRAIN[:DEV] ..., files comma-separated): one encoder, one head per task,
+each step one task's batch, drawn by --task-sampling (multitask.py). --out then holds one fine-tuned folder
+per task (--out/NAME, what predict.py and serve.py load; the encoder is saved in each), multitask.json, the
+root metrics.json (every task's dev metrics at each evaluation) and the checkpoint.
 
 Written to --out: the model as a BERT-layout folder (config.json, model.safetensors, tokenizer; PEFT
 methods add peft.json + peft.safetensors), labels.json (what load_finetuned needs), metrics.json,
@@ -52,7 +59,8 @@ from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of,
                        infer_tokens, load_finetuned, predict_proba, save_finetuned, word_tags, write_json)
 from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
                      squad_scores)
-from model import CheckpointError, EncoderConfig, SequenceClassifier
+from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap
+from multitask import SAMPLING, MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
 from plots import plot_metrics
 from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
 from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
@@ -109,7 +117,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=list(TASKS), default="binary", help="what the labels are: see Tasks above")
+    g.add_argument("--task", choices=list(TASKS), help="what the labels are: see Tasks above (default binary)")
+    g.add_argument("--tasks", nargs="+", metavar="NAME:KIND:TRAIN[:DEV]", help="multi-task: one head per task on "
+                   "one encoder, e.g. sst2:binary:sst2/train.tsv:sst2/dev.tsv stsb:regression:stsb/train.tsv")
+    g.add_argument("--task-sampling", choices=SAMPLING, default="proportional",
+                   help="multi-task: the chance of a task per step, by its size n (proportional) or n^(1/T)")
+    g.add_argument("--sampling-temperature", type=float, default=2.0, metavar="T",
+                   help="multi-task: T of --task-sampling temperature (1: proportional; large: uniform)")
     g.add_argument("--init", help="pretrain.py output or BERT-layout folder (default out/pretrain)")
     g.add_argument("--data", help="a folder with train.tsv, dev.tsv and optionally test.tsv (data/glue/<task>)")
     g.add_argument("--train", nargs="+", help="training file(s): TSV/CSV/JSONL with a header, or CoLA as it ships; "
@@ -175,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(a):
+    if a.tasks:
+        given = [f for f, on in (("--task", a.task), ("--data", a.data), ("--train", a.train), ("--dev", a.dev),
+                                 ("--test", a.test), ("--ensemble", a.ensemble), ("--rdrop", a.rdrop),
+                                 ("--contrastive-weight", a.contrastive_weight), ("--augment", a.augment != "none"),
+                                 ("--adversarial", a.adversarial != "none"), ("--eval-attack-eps", a.eval_attack_eps),
+                                 ("--fsdp", a.fsdp)) if on]
+        if given:
+            raise FinetuneError(f"--tasks: not combined with {', '.join(given)} (each task names its own files "
+                                "in NAME:KIND:TRAIN[:DEV]; the rest is single-task only)")
+    a.task = a.task or "binary"
     if a.task in SPAN_TASKS:
         used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),
                                       ("--adversarial", a.adversarial != "none"), ("--augment", a.augment != "none"),
@@ -252,6 +276,21 @@ def is_pretrained(model) -> bool:
     return any(not bool(torch.all(m.weight == 1)) for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
 
 
+def recipe_lr(a, task, model) -> tuple[float, str]:
+    """(lr, why): --lr, else the PEFT method's, else simcse's, else by the model's width and whether it is
+    pre-trained (resolve_recipe; run_multitask uses it alone)."""
+    width, pretrained = model.config.hidden_size, is_pretrained(model)
+    if a.lr:
+        return a.lr, "--lr"
+    if a.method != "full":
+        return METHODS[a.method].lr, f"--method {a.method} (peft.METHODS)"
+    if task == "simcse":
+        return SIMCSE_LR, "simcse on a pre-trained encoder (Gao et al. 2021)"
+    table = PRETRAINED_LR if pretrained else SCRATCH_LR_BY_WIDTH
+    lr = next(lr for up_to, lr in table if width <= up_to)
+    return lr, f"full fine-tune, {'pre-trained' if pretrained else 'random weights'}, hidden size {width}"
+
+
 def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tuple[dict, dict]:
     """(recipe, why): what this run trains with and the reason for each choice. A flag given wins; the rest
     follows from the training set's size, the model (its width; pre-trained or random weights) and the method."""
@@ -260,18 +299,9 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tup
     def choose(name, value, reason):
         r[name], why[name] = value, reason
 
-    width, pretrained = model.config.hidden_size, is_pretrained(model)
+    pretrained = is_pretrained(model)
     choose("pretrained", pretrained, "LayerNorm gains moved from 1" if pretrained else "every LayerNorm gain is 1: random weights")
-    if a.lr:
-        choose("lr", a.lr, "--lr")
-    elif a.method != "full":
-        choose("lr", METHODS[a.method].lr, f"--method {a.method} (peft.METHODS)")
-    elif task == "simcse":
-        choose("lr", SIMCSE_LR, "simcse on a pre-trained encoder (Gao et al. 2021)")
-    else:
-        table = PRETRAINED_LR if pretrained else SCRATCH_LR_BY_WIDTH
-        lr = next(lr for up_to, lr in table if width <= up_to)
-        choose("lr", lr, f"full fine-tune, {'pre-trained' if pretrained else 'random weights'}, hidden size {width}")
+    choose("lr", *recipe_lr(a, task, model))
 
     # selection: a checkpoint picked on dev makes the dev score it reports optimistic; a held-out part of
     # train costs training examples but leaves dev a fair judge
@@ -477,6 +507,8 @@ def run(argv=None) -> dict:
     """Parse, fine-tune (or ensemble), write the outputs; returns {"metrics", "model", "tokenizer", "info"}."""
     a = build_parser().parse_args(argv)
     check_args(a)
+    if a.tasks:
+        return run_multitask(a)
     if a.ensemble:
         return run_ensemble(a)
     if a.task in SPAN_TASKS:
@@ -624,14 +656,12 @@ def run(argv=None) -> dict:
                   "steps": result["step"], "stopped_early": result["stopped_early"], "train_examples": n_train,
                   "examples_seen": seen, "seconds": time.time() - t0, "train_seconds": train_seconds,
                   "examples_per_s": seen / max(train_seconds, 1e-9), "recipe": recipe, "recipe_why": why}
-        try:
+        with writing(a.out):
             save_finetuned(a.out, model, tokenizer, info)
             write_json(os.path.join(a.out, "metrics.json"), record)
             for name, key, split in (("predictions.tsv", "dev", dev), ("predictions_test.tsv", "test", test)):
                 if split:
                     write_predictions(os.path.join(a.out, name), task, split["examples"], report[key][1], classes)
-        except OSError as e:
-            raise FinetuneError(f"cannot write the model to --out {a.out} (disk full?): {e.strerror or e}") from None
         plot_metrics(a.out, title=f"{task} / {a.method}")
         print(f"saved the model to {os.path.abspath(a.out)} (labels.json, metrics.json, predictions); try: "
               f"python predict.py {a.out} \"some text\"")
@@ -776,7 +806,7 @@ def run_spans(a) -> dict:
                   "stopped_early": result["stopped_early"], "train_examples": len(train_items),
                   "train_features": n_train, "examples_seen": seen, "seconds": time.time() - t0,
                   "train_seconds": train_seconds, "examples_per_s": seen / max(train_seconds, 1e-9)}
-        try:
+        with writing(a.out):
             save_finetuned(a.out, model, tokenizer, info)
             write_json(os.path.join(a.out, "metrics.json"), record)
             for split, (_, pred) in report.items():
@@ -788,12 +818,19 @@ def run_spans(a) -> dict:
                 else:                  # what the official evaluate-v1.1.py reads: {question id: answer}
                     write_json(os.path.join(a.out, name + ".json"), {q.id: s["answer"] for q, s in
                                                                      zip(dev_items if split == "dev" else test_items, pred)})
-        except OSError as e:
-            raise FinetuneError(f"cannot write the model to --out {a.out} (disk full?): {e.strerror or e}") from None
         print(f"wrote {a.out}: model, labels.json, metrics.json, predictions")
         out["metrics"] = record
     dist_env.close()
     return out
+
+
+@contextlib.contextmanager
+def writing(out):
+    """The final writes into --out: an OSError (a full disk, a read-only folder) becomes one FinetuneError line."""
+    try:
+        yield
+    except OSError as e:
+        raise FinetuneError(f"cannot write the model to --out {out} (disk full?): {e.strerror or e}") from None
 
 
 def data_fingerprint(path) -> str:
@@ -803,6 +840,142 @@ def data_fingerprint(path) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return f"folder of {len(files)} files, {sum(p.stat().st_size for p in files)} bytes"
     return file_fingerprint(path)
+
+
+# -----------------------------------------------------------------------------------------------------
+# multi-task: the same loop, with multitask.MultiTaskData and one head per task
+
+
+def run_multitask(a) -> dict:
+    """--tasks: read and encode every task, train one MultiTaskClassifier with trainer.train, write one
+    fine-tuned folder per task (--out/NAME) and the root metrics.json / multitask.json."""
+    specs, t0 = parse_tasks(a.tasks), time.time()
+    train_ex = {}
+    for s in specs:
+        ex = read_examples(s.train, a.text_col, a.text_pair_col, a.label_col).head(a.max_train_examples)
+        if s.kind == "pair" and ex.pairs is None:
+            raise FinetuneError(f"--tasks {s.name}: {s.train[0]} has no second text column (name it with --text-pair-col)")
+        train_ex[s.name] = ex
+    classes = {s.name: label_classes(s.kind, train_ex[s.name]) for s in specs}
+    outputs = {s.name: 1 if TASKS[s.kind].one_output else len(classes[s.name]) for s in specs}
+    init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
+    if not init.is_dir() and not a.init:
+        raise FinetuneError(f"--init: the default {DEFAULT_INIT} does not exist; pass --init DIR (any BERT-layout folder)")
+    torch.manual_seed(a.seed)            # fresh heads (and a pooler the checkpoint lacks): the same in every run
+    base, tokenizer = load_init(init, "binary", 1, a.pooling, a.dropout)
+    model = MultiTaskClassifier.around(base, outputs)
+    max_length = min(a.max_length or 128, model.config.max_position)
+
+    tasks = {}                     # name -> what training, evaluation and saving need of that task
+    for s in specs:
+        ex = train_ex[s.name]
+        ids, types = encode(tokenizer, ex.texts, ex.pairs, max_length)
+        dev = encode_split(tokenizer, s.kind, *read_split(a, s.dev, s.kind, classes[s.name]), max_length) if s.dev else None
+        tasks[s.name] = {"kind": s.kind, "ids": ids, "types": types, "labels": encode_labels(s.kind, ex, classes[s.name]),
+                         "dev": dev, "metric": default_metric(s.kind, ex.layout), "examples": ex}
+    metric = a.metric or "average"
+    known = ["average"] + [f"{n}/{m}" for n, t in tasks.items() for m in TASKS[t["kind"]].metrics]
+    if metric not in known:
+        raise FinetuneError(f"--metric: with --tasks, expected average or NAME/METRIC ({', '.join(known[:4])}, ...), got {metric!r}")
+    if not any(t["dev"] for t in tasks.values()) and (a.early_stopping or a.metric):
+        raise FinetuneError("--early-stopping/--metric: needs a dev set in at least one task (NAME:KIND:TRAIN:DEV)")
+
+    options = {name: getattr(a, name) for name in known_options()}
+    apply_peft(model, a.method, **options)
+    summary = trainable_summary(model)
+    dist_env = Dist(a.device, a.dist_timeout)
+    batch_size, slots = a.batch_size or 32, dist_env.world_size * a.grad_accum
+    sizes = [len(tasks[s.name]["ids"]) for s in specs]
+    steps_per_epoch = max(1, math.ceil(sum(sizes) / (batch_size * slots)))    # all tasks' batches, once
+    cfg = TrainConfig.from_args(a, batch_size=batch_size, lr=recipe_lr(a, "binary", model)[0],   # the recipe's lr
+                                max_steps=a.max_steps or max(1, math.ceil((a.epochs or 3) * steps_per_epoch)),
+                                eval_every=steps_per_epoch if a.eval_every is None else a.eval_every)
+    p = sampling_probabilities(sizes, a.task_sampling, a.sampling_temperature)
+    data = MultiTaskData({n: TaskDataset(t["ids"], t["types"], t["labels"], cfg.batch_size, slots, cfg.seed,
+                                         tokenizer.pad_id, label_dtype=TASKS[t["kind"]].label_dtype)
+                          for n, t in tasks.items()}, TaskSampler(p, cfg.seed))
+    if dist_env.is_main:
+        print(f"{len(tasks)} tasks, {cfg.max_steps:,} steps of {cfg.batch_size * slots}, lr {cfg.lr:g}, method "
+              f"{a.method}: {summary['trainable']:,} of {summary['total']:,} parameters train")
+        for (n, t), n_t, p_t in zip(tasks.items(), sizes, p):
+            print(f"  {n} ({t['kind']}): {n_t:,} examples, p = {p_t:.3f}, ~{p_t * cfg.max_steps:.0f} steps "
+                  f"= {p_t * cfg.max_steps * cfg.batch_size * slots / n_t:.2f} epochs, judged by {t['metric']}")
+
+    def loss_fn(model, batch):
+        """The step's task's head and loss, summed over its examples (the loop divides by their number)."""
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, task=batch["task"])
+        return task_loss(tasks[batch["task"]]["kind"], batch["labels"], a.label_smoothing)(logits)
+
+    eval_fn = (lambda m: evaluate_tasks(unwrap(m), tasks, tokenizer.pad_id)[0]) if any(t["dev"] for t in tasks.values()) else None
+    monitor = (metric, "min" if metric.rsplit("/", 1)[-1] in MIN_METRICS else "max", a.early_stopping) if a.early_stopping else None
+    t_train = time.time()
+    fingerprint = {"tasks": [[s.name, s.kind, [data_fingerprint(f) for f in s.train]] for s in specs],
+                   "method": a.method, "init": str(init.resolve()), "max_length": max_length,
+                   "task_sampling": a.task_sampling, "sampling_temperature": a.sampling_temperature}
+    result = train(model, loss_fn, data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
+    train_seconds = time.time() - t_train
+    if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
+        dist_env.close()
+        return {"metrics": None, "model": model, "tokenizer": tokenizer, "tasks": {}, "preempted": True}
+    out = {"metrics": None, "model": model, "tokenizer": tokenizer, "tasks": {}, "preempted": False}
+    if dist_env.is_main:
+        model.eval()
+        flat, preds = evaluate_tasks(model, tasks, tokenizer.pad_id) if eval_fn else ({}, {})
+        steps = data.steps_per_task(result["step"])
+        record = {"tasks": {}, "average": flat.get("average"), "metric": metric, "best": result["best"],
+                  "steps": result["step"], "stopped_early": result["stopped_early"], "task_sampling": a.task_sampling,
+                  "sampling_temperature": a.sampling_temperature if a.task_sampling == "temperature" else None,
+                  "method": a.method, "trainable_params": summary["trainable"], "total_params": summary["total"],
+                  "seconds": time.time() - t0, "train_seconds": train_seconds,
+                  "evaluations": eval_history(os.path.join(a.out, "metrics.jsonl"))}
+        with writing(a.out):
+            for (n, t), s, p_t in zip(tasks.items(), specs, p):
+                info = {"task": t["kind"], "labels": classes[n], "num_outputs": outputs[n],
+                        "label_map": None if classes[n] is None else {c: i for i, c in enumerate(classes[n])},
+                        "columns": t["examples"].columns, "layout": t["examples"].layout, "max_length": max_length,
+                        "method": a.method, "peft": options if a.method != "full" else None, "pooling": a.pooling,
+                        "metric": t["metric"], "init": str(init), "multitask": {"name": n, "tasks": list(tasks)}}
+                dev_metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(n + "/")}
+                mine = {"task": t["kind"], "name": n, "dev": dev_metrics or None, "metric": t["metric"],
+                        "train_examples": len(t["ids"]), "sampling_probability": float(p_t), "steps": steps[n],
+                        "examples_seen": examples_seen(data.datasets[n], steps[n])}
+                record["tasks"][n] = mine
+                folder = os.path.join(a.out, n)
+                save_finetuned(folder, model.task_model(n), tokenizer, info)
+                write_json(os.path.join(folder, "metrics.json"), {**mine, "multitask": a.out})
+                if t["dev"]:
+                    write_predictions(os.path.join(folder, "predictions.tsv"), t["kind"], t["dev"]["examples"], preds[n], classes[n])
+                out["tasks"][n] = {"info": info, "folder": folder}
+            print(format_table({n: r["dev"] for n, r in record["tasks"].items() if r["dev"]}, title=f"{len(tasks)} tasks / {a.method}"))
+            write_json(os.path.join(a.out, "metrics.json"), record)
+            write_json(os.path.join(a.out, "multitask.json"), {"tasks": {s.name: {"kind": s.kind, "folder": s.name,
+                                                               "train": s.train, "dev": s.dev} for s in specs}})
+        print(f"wrote {a.out}: one fine-tuned folder per task ({', '.join(tasks)}), metrics.json, multitask.json")
+        out["metrics"] = record
+    dist_env.close()
+    return out
+
+
+def evaluate_tasks(model, tasks, pad_id) -> tuple[dict, dict]:
+    """({"NAME/METRIC": value, ..., "average": mean of each task's own metric}, {NAME: predictions}) over
+    the tasks with a dev set; each task evaluated through its own head (MultiTaskClassifier.task_model)."""
+    flat, preds, chosen = {}, {}, []
+    for name, t in tasks.items():
+        if t["dev"]:
+            metrics, preds[name] = evaluate(model.task_model(name), t["kind"], t["dev"], pad_id)
+            flat.update({f"{name}/{k}": v for k, v in metrics.items()})
+            chosen.append(metrics[t["metric"]])
+    flat["average"] = float(np.mean(chosen))
+    return flat, preds
+
+
+def eval_history(path) -> list[dict]:
+    """The evaluations of the run as metrics.jsonl holds them (a resumed run's too): [{"step", "NAME/METRIC"...}]."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+            for r in rows if any(k.startswith("eval/") for k in r)]
 
 
 def examples_seen(data, steps) -> int:

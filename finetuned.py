@@ -358,6 +358,10 @@ def read_info(path) -> dict:
     """A folder's labels.json: the task, the labels, max_length, ... Checked: a known task and a positive
     num_outputs, else a FinetuneError naming the file."""
     path = pathlib.Path(path)
+    if (path / "multitask.json").is_file() and not (path / "labels.json").is_file():
+        folders = sorted(p.name for p in path.iterdir() if (p / "labels.json").is_file())
+        raise FinetuneError(f"{path}: a multi-task output; give one task's folder: "
+                            + ", ".join(str(path / f) for f in folders))
     try:
         info = json.loads((path / "labels.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -455,15 +455,58 @@ class SequenceClassifier(nn.Module):
         mean = (hidden * m.to(hidden.dtype)).sum(1) / m.sum(1).clamp(min=1).to(hidden.dtype)
         return torch.tanh(self.pooler(mean))                             # (B, C)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+    def features(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        """Dropout(pooled): what the classifier reads, (B, C)."""
         if self.pooling == "mean":
             hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings)   # (B, T, C)
-            return self.classifier(self.drop(self.pool(hidden, attention_mask)))
+            return self.drop(self.pool(hidden, attention_mask))
         B, T = (input_ids if embeddings is None else embeddings).shape[:2]
         first = torch.arange(B, device=(input_ids if embeddings is None else embeddings).device) * T
         # only [CLS] is pooled, so the last block computes only the [CLS] rows: (B, C) -> (B, 1, C)
         hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings, rows=first).unsqueeze(1)
-        return self.classifier(self.drop(self.pool(hidden)))             # (B, num_labels)
+        return self.drop(self.pool(hidden))                               # (B, C)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        return self.classifier(self.features(input_ids, attention_mask, token_type_ids, embeddings))  # (B, num_labels)
+
+
+class MultiTaskClassifier(SequenceClassifier):
+    """One encoder and pooler shared by several tasks, one Linear head per task: heads[name] maps the
+    pooled (B, C) to that task's (B, K_t). forward(..., task=name) runs the shared part and that head
+    only, so a step on task t gives the other heads no gradient at all (None, not 0): AdamW skips them,
+    they neither decay nor drift on old momentum while another task trains (multitask.py samples a task
+    per step)."""
+
+    skips_parameters = True          # DDP must look for the unused heads each step (trainer.parallelize)
+
+    def __init__(self, cfg: EncoderConfig, outputs: dict[str, int], classifier_dropout: float | None = None,
+                 pooling: str = "cls"):
+        super().__init__(cfg, 1, classifier_dropout, pooling)
+        del self.classifier
+        self.heads = nn.ModuleDict({name: nn.Linear(cfg.hidden_size, k) for name, k in outputs.items()})
+        self.heads.apply(init_weights)
+
+    @classmethod
+    def around(cls, base: SequenceClassifier, outputs: dict[str, int]) -> "MultiTaskClassifier":
+        """A multi-task model on `base`'s encoder, pooler and dropout (taken, not copied), fresh heads."""
+        with torch.device("meta"):   # no memory or time for an encoder that is replaced at once
+            mt = cls(base.config, outputs)
+        mt.encoder, mt.pooler, mt.drop, mt.pooling = base.encoder, base.pooler, base.drop, base.pooling
+        mt.heads.to_empty(device=base.pooler.weight.device).apply(init_weights)
+        return mt
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None, task=None):
+        if task not in self.heads:
+            raise ValueError(f"task must be one of {', '.join(self.heads)}, got {task!r}")
+        return self.heads[task](self.features(input_ids, attention_mask, token_type_ids, embeddings))  # (B, K_t)
+
+    def task_model(self, task: str) -> SequenceClassifier:
+        """Task `task` alone as a plain SequenceClassifier sharing this model's modules (no copy): what
+        save_finetuned writes, and what predict.py reads back, for that task."""
+        with torch.device("meta"):
+            single = SequenceClassifier(self.config, self.heads[task].out_features, pooling=self.pooling)
+        single.encoder, single.pooler, single.drop, single.classifier = self.encoder, self.pooler, self.drop, self.heads[task]
+        return single
 
 
 class TokenClassifier(nn.Module):

@@ -446,7 +446,8 @@ def parallelize(model, cfg, dist_env: Dist) -> Parallel:
         except ValueError as e:
             fail(str(e))
     elif dist_env.world_size > 1:
-        sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
+        sharded = DDP(raw, device_ids=[dev.index] if dev.type == "cuda" else None,   # a multi-task model uses
+                      find_unused_parameters=getattr(raw, "skips_parameters", False))  # one head a step
     return Parallel(raw, sharded, torch.compile(sharded) if cfg.compile else sharded, cfg.fsdp,
                     tp=tp, tp_data_group=dist_env.data_group)
 
