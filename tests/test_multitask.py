@@ -17,7 +17,7 @@ from model import EncoderConfig, MultiTaskClassifier
 from multitask import MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
 from predict import Predictor
 from test_finetune import FAST, tiny_init  # noqa: F401  (a pytest fixture: the tiny BERT folder)
-from trainer import Dist, Parallel, train_step
+from trainer import EX_TEMPFAIL, Dist, Parallel, train_step
 
 GLUE_SIZES = [67349, 5749, 8551]          # SST-2, STS-B, CoLA training sets
 
@@ -162,12 +162,18 @@ def tiny_tasks(tmp_path):
     return [f"bin:binary:{tmp_path / 'bin.tsv'}:{tmp_path / 'bin.tsv'}", f"sts:regression:{tmp_path / 'sts.tsv'}"]
 
 
-def test_multitask_resume_is_exact(tiny_init, tmp_path):  # noqa: F811
+def test_multitask_resume_is_exact(tiny_init, tmp_path, capsys):  # noqa: F811
+    """Pre-empted: exit 75 and no per-task folder; a resume with other task sampling is refused by name;
+    the true resume ends where the straight run ends."""
     specs = tiny_tasks(tmp_path)
     common = ["--init", str(tiny_init), "--tasks", *specs, *FAST, "--max-steps", "10", "--eval-every", "5",
               "--task-sampling", "temperature", "--sampling-temperature", "3"]
     finetune.run([*common, "--out", str(tmp_path / "straight")])
-    finetune.run([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "4"])
+    assert finetune.main([*common, "--out", str(tmp_path / "split"), "--stop-at-step", "4"]) == EX_TEMPFAIL
+    assert not (tmp_path / "split" / "bin").exists() and not (tmp_path / "split" / "metrics.json").exists()
+    capsys.readouterr()
+    assert finetune.main([*common[:-1], "5", "--out", str(tmp_path / "split"), "--resume"]) == 2
+    assert "sampling_temperature (saved: 3.0, now: 5.0)" in capsys.readouterr().err
     finetune.run([*common, "--out", str(tmp_path / "split"), "--resume"])
     load = lambda d: torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"]
     a, b = load("straight"), load("split")
