@@ -95,7 +95,7 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
             return str(model_dir)
     text_dir = folder / "text"
     text_dir.mkdir(parents=True, exist_ok=True)
-    per_doc = 200          # sentences per document, so the split into train/val is by document
+    per_doc = max(1, min(200, len(texts) // 50))   # sentences per document (>= 50 documents: some go to val)
     for k in range(0, len(texts), per_doc):
         (text_dir / f"part{k // per_doc:05d}.txt").write_text("\n".join(texts[k:k + per_doc]) + "\n", encoding="utf-8")
     python = sys.executable

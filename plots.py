@@ -2,8 +2,9 @@
 
     python plots.py out/finetune            # writes out/finetune/curves.png
 
-Left panel: the training loss per logged step. Right panel: every evaluation series the log holds
-("eval/accuracy", "eval/loss", ...) against the step. pretrain.py and finetune.py call `plot_metrics` at
+Left panel: the training loss per logged step and every evaluation loss ("eval/loss",
+"eval/wikitext-test/loss", ...). Right panel: the other evaluation series ("eval/accuracy", ...); perplexity
+is the exponential of a loss already drawn, so it is left out. pretrain.py and finetune.py call `plot_metrics` at
 the end of a run. matplotlib is optional (requirements-dev.txt): without it the run says so in one line and
 writes no picture. Nothing here imports torch.
 """
@@ -54,16 +55,19 @@ def plot_metrics(run_dir, out=None, title=None) -> str | None:
     except ImportError:
         print("no curves: matplotlib is not installed (pip install matplotlib)")
         return None
-    evals = sorted(k for k in series if k.startswith("eval/"))
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    # left: every loss (training and evaluation: one scale); right: the other evaluation series
+    # (accuracy, F1, ...). Perplexity is exp(loss), already on the left, so it is not drawn twice.
+    losses = ["loss"] * ("loss" in series) + sorted(k for k in series if k.startswith("eval/") and k.endswith("loss"))
+    others = sorted(k for k in series if k.startswith("eval/") and not k.endswith(("loss", "ppl")))
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(11 if others else 6, 4), squeeze=False)
     left = axes[0][0]
-    if "loss" in series:
-        left.plot(*series["loss"], label="train loss")
-    left.set(xlabel="step", ylabel="loss", title="training loss")
+    for key in losses:
+        left.plot(*series[key], label="train loss" if key == "loss" else key, marker=None if key == "loss" else "o")
+    left.set(xlabel="step", ylabel="loss", title="loss")
     left.legend()
-    if evals:
+    if others:
         right = axes[0][1]
-        for key in evals:
+        for key in others:
             right.plot(*series[key], marker="o", label=key)
         right.set(xlabel="step", title="evaluation")
         right.legend()

@@ -1,0 +1,83 @@
+"""learning_curve.py as a specification: nested subsets, the step budget, every row end to end on a tiny
+model (random, pre-trained, + task-adaptive pre-training, another folder, bag-of-words), a table that is
+the median of the seeds, a PNG and JSON, and finished runs reused."""
+import json
+
+import pytest
+import torch
+
+import learning_curve as lc
+from data.tasks import read_examples, sample_binary, write_sample_binary
+from model import EncoderConfig, LanguageModel, save_hf_bert
+from tokenizer import WordPieceTokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = sorted({w for text, _ in sample_binary(2000) for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    model = LanguageModel(EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, max_position=64))
+    save_hf_bert(model, folder, WordPieceTokenizer(folder / "vocab.txt"))
+    return folder
+
+
+def test_subsets_are_nested_and_fixed_by_the_shuffle_seed(tmp_path):
+    train, _ = write_sample_binary(tmp_path / "data", n_train=200, n_dev=10)
+    ex = read_examples([train])
+    paths = lc.write_subsets(ex, [20, 50, 200], tmp_path / "a", shuffle_seed=0)
+    rows = {n: paths[n].read_text().splitlines()[1:] for n in paths}
+    assert len(rows[20]) == 20 and rows[50][:20] == rows[20] and rows[200][:50] == rows[50]
+    assert sorted(rows[200]) == sorted(f"{t}\t{y}" for t, y in zip(ex.texts, ex.labels)), "all of it, once each"
+    again = lc.write_subsets(ex, [50], tmp_path / "b", shuffle_seed=0)[50].read_text()
+    other = lc.write_subsets(ex, [50], tmp_path / "c", shuffle_seed=1)[50].read_text()
+    assert again == paths[50].read_text() and other != again
+
+
+def test_fine_tune_steps_take_epochs_within_the_floor_and_the_cap():
+    assert lc.fine_tune_steps(500, 32, 3, 300, 1000) == 300            # 47 steps of epochs: the floor
+    assert lc.fine_tune_steps(4000, 32, 3, 300, 1000) == 375           # 3 epochs
+    assert lc.fine_tune_steps(67349, 32, 3, 300, 1000) == 1000         # the CPU cap
+
+
+def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny_pretrained, tmp_path):
+    train, dev = write_sample_binary(tmp_path / "data", n_train=120, n_dev=40)
+    out = tmp_path / "curve"
+    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_pretrained),
+            "--also", f"again={tiny_pretrained}", "--sizes", "all", "--seeds", "2", "--min-steps", "4",
+            "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "32", "--out", str(out)]
+    table = lc.main(args)
+    assert set(table) == {"random", "pretrained", "pretrained + TAPT", "again", "bow"}
+    saved = json.loads((out / "curve.json").read_text())
+    assert saved["sizes"] == {"all": 120}
+    for arm in ("random", "pretrained", "pretrained + TAPT", "again"):
+        for size in ("all",):
+            runs = saved["runs"][arm][size]
+            assert sorted(r["seed"] for r in runs) == [1, 2] and all(r["steps"] == 4 for r in runs)
+            accs = sorted(100 * r["accuracy"] for r in runs)
+            assert table[arm][size]["median"] == pytest.approx((accs[0] + accs[1]) / 2)
+    assert len(saved["runs"]["bow"]["all"]) == 1                     # convex: one run per size
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tapt = json.loads((out / "tapt" / "model" / "tapt.json").read_text())
+    assert tapt["steps"] == 3 and (out / "tapt" / "shards" / "meta.json").is_file()
+    # random init: a fresh draw per seed, with the pre-trained folder's architecture and tokenizer
+    r1, r2 = (out / "random" / f"random_seed{s}" / "model.safetensors" for s in (1, 2))
+    assert r1.read_bytes() != r2.read_bytes()
+    assert (out / "random" / "random_seed1" / "vocab.txt").read_text() == (tiny_pretrained / "vocab.txt").read_text()
+    # finished runs are kept: collecting again runs nothing and gives the same table
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
+    assert lc.main(args + ["--collect-only"]) == table
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == before
+
+
+def test_bad_arguments_are_one_line_each(tmp_path, capsys):
+    train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
+    for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
+                           (["--pretrained", str(tmp_path)], "no config.json"),
+                           (["--arms", "bow,magic"], "unknown magic"),
+                           (["--arms", "bow", "--sizes", "ten"], "neither a positive count")):
+        with pytest.raises(SystemExit) as e:
+            lc.parse_args(["--train", str(train), "--dev", str(dev), *argv])
+        assert e.value.code == 2 and expected in capsys.readouterr().err
