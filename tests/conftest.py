@@ -44,3 +44,21 @@ def minilm_dir() -> pathlib.Path:
 import sys  # noqa: E402  the project's flat modules import from the repo root, wherever pytest is started
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A 2-layer, 32-wide BERT folder (config.json, model.safetensors, vocab.txt) whose WordPiece vocabulary
+    holds every word of the built-in sample, as a pretrain.py output would."""
+    import torch
+    from data.tasks import sample_binary
+    from model import EncoderConfig, LanguageModel, save_hf_bert
+    from tokenizer import WordPieceTokenizer
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = sorted({w for text, _ in sample_binary(2000) for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    model = LanguageModel(EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, max_position=64))
+    save_hf_bert(model, folder, WordPieceTokenizer(folder / "vocab.txt"))
+    return folder

@@ -14,20 +14,6 @@ from tokenizer import WordPieceTokenizer
 FAST = ["--no-progress", "--log-every", "1", "--save-every", "0", "--batch-size", "8"]
 
 
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory):
-    """A 2-layer, 32-wide BERT folder (config.json, model.safetensors, vocab.txt) whose WordPiece vocabulary
-    holds every word of the built-in sample, as a pretrain.py output would."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    words = sorted({w for text, _ in sample_binary(2000) for w in text.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    model = LanguageModel(EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, max_position=64))
-    save_hf_bert(model, folder, WordPieceTokenizer(folder / "vocab.txt"))
-    return folder
-
-
 @pytest.fixture
 def binary_data(tmp_path):
     return write_sample_binary(tmp_path / "data", n_train=64, n_dev=24)

@@ -4,24 +4,9 @@ the median of the seeds, a PNG and JSON, and finished runs reused."""
 import json
 
 import pytest
-import torch
 
 import learning_curve as lc
-from data.tasks import read_examples, sample_binary, write_sample_binary
-from model import EncoderConfig, LanguageModel, save_hf_bert
-from tokenizer import WordPieceTokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    words = sorted({w for text, _ in sample_binary(2000) for w in text.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    model = LanguageModel(EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, max_position=64))
-    save_hf_bert(model, folder, WordPieceTokenizer(folder / "vocab.txt"))
-    return folder
+from data.tasks import read_examples, write_sample_binary
 
 
 def test_subsets_are_nested_and_fixed_by_the_shuffle_seed(tmp_path):
@@ -42,11 +27,11 @@ def test_fine_tune_steps_take_epochs_within_the_floor_and_the_cap():
     assert lc.fine_tune_steps(67349, 32, 3, 300, 1000) == 1000         # the CPU cap
 
 
-def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny_pretrained, tmp_path):
+def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny_init, tmp_path):
     train, dev = write_sample_binary(tmp_path / "data", n_train=120, n_dev=40)
     out = tmp_path / "curve"
-    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_pretrained),
-            "--also", f"again={tiny_pretrained}", "--sizes", "all", "--seeds", "2", "--min-steps", "4",
+    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init),
+            "--also", f"again={tiny_init}", "--sizes", "all", "--seeds", "2", "--min-steps", "4",
             "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "32", "--out", str(out)]
     table = lc.main(args)
     assert set(table) == {"random", "pretrained", "pretrained + TAPT", "again", "bow"}
@@ -65,7 +50,7 @@ def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny
     # random init: a fresh draw per seed, with the pre-trained folder's architecture and tokenizer
     r1, r2 = (out / "random" / f"random_seed{s}" / "model.safetensors" for s in (1, 2))
     assert r1.read_bytes() != r2.read_bytes()
-    assert (out / "random" / "random_seed1" / "vocab.txt").read_text() == (tiny_pretrained / "vocab.txt").read_text()
+    assert (out / "random" / "random_seed1" / "vocab.txt").read_text() == (tiny_init / "vocab.txt").read_text()
     # finished runs are kept: collecting again runs nothing and gives the same table
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
     assert lc.main(args + ["--collect-only"]) == table
