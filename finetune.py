@@ -117,7 +117,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=list(TASKS), help="what the labels are: see Tasks above (default binary)")
+    g.add_argument("--task", choices=list(TASKS), help="what the labels are: see Tasks above (default: binary; not with --tasks)")
     g.add_argument("--tasks", nargs="+", metavar="NAME:KIND:TRAIN[:DEV]", help="multi-task: one head per task on "
                    "one encoder, e.g. sst2:binary:sst2/train.tsv:sst2/dev.tsv stsb:regression:stsb/train.tsv")
     g.add_argument("--task-sampling", choices=SAMPLING, default="proportional",

@@ -37,7 +37,7 @@ def test_finetune_help_shows_the_defaults_and_its_description_once(capsys):
     assert text.count(finetune.__doc__.split("\n")[0]) == 1
     flat = " ".join(text.split())
     for shown in ("--task {binary,multiclass,pair,regression,simcse,token,qa} what the labels are: see Tasks above "
-                  "(default: binary)", "--method", "(default: full)", "--adv-steps ADV_STEPS ascent steps of pgd / freelb (default: 3)",
+                  "(default: binary; not with --tasks)", "--method", "(default: full)", "--adv-steps ADV_STEPS ascent steps of pgd / freelb (default: 3)",
                   "--out OUT output folder: checkpoint, exported model, metrics.jsonl (default: out/finetune)"):
         assert shown in flat, shown
 
