@@ -16,7 +16,7 @@ from finetuned import FinetuneError, TASKS, load_finetuned, predict_proba
 from model import EncoderConfig, MultiTaskClassifier
 from multitask import MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
 from predict import Predictor
-from test_finetune import FAST, tiny_init  # noqa: F401  (a pytest fixture: the tiny BERT folder)
+from test_finetune import FAST                 # tiny_init: a fixture of conftest.py
 from trainer import EX_TEMPFAIL, Dist, Parallel, train_step
 
 GLUE_SIZES = [67349, 5749, 8551]          # SST-2, STS-B, CoLA training sets

@@ -9,7 +9,7 @@ import torch
 import finetune
 from data.tasks import write_sample_binary
 from model import EncoderConfig, LanguageModel, save_hf_bert
-from test_finetune import FAST, tiny_init  # noqa: F401  (a fixture)
+from test_finetune import FAST                 # tiny_init: a fixture of conftest.py
 
 
 class ModelLike(torch.nn.Module):

@@ -21,7 +21,7 @@ import pretrain
 import trainer
 from data.tasks import TaskDataError, label_classes, read_examples
 from finetuned import load_finetuned
-from test_finetune import FAST, binary_data, tiny_init  # noqa: F401  (fixtures)
+from test_finetune import FAST, binary_data  # noqa: F401  (a fixture; tiny_init comes from conftest.py)
 
 
 def finetune_main(init, train, out, *args):
