@@ -67,19 +67,21 @@ def run_logged(cmd, out: pathlib.Path, result: pathlib.Path) -> dict:
 
 
 def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> dict:
-    """{N: path}: the first N examples of one seeded permutation, so every subset contains the smaller ones."""
+    """{N: path}: the first N examples of one seeded permutation, so every subset contains the smaller ones.
+    Sentence pairs (e.g. STS-B, MNLI) keep their second sentence: sentence1, sentence2, label."""
     import numpy as np
     folder.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(shuffle_seed).permutation(len(examples.texts))
     clean = lambda s: str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    columns = [examples.texts] + ([] if examples.pairs is None else [examples.pairs]) + [examples.labels]
     paths = {}
     for n in sizes:
         path = folder / f"train_{n}.tsv"
         if not path.is_file():
             with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                f.write("sentence\tlabel\n")
+                f.write("sentence\tlabel\n" if examples.pairs is None else "sentence1\tsentence2\tlabel\n")
                 for i in order[:n]:
-                    f.write(f"{clean(examples.texts[i])}\t{clean(examples.labels[i])}\n")
+                    f.write("\t".join(clean(c[i]) for c in columns) + "\n")
         paths[n] = path
     return paths
 
