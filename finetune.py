@@ -81,6 +81,11 @@ MIN_STEPS = {True: 300, False: 600}    # pre-trained?: optimizer steps even a sm
 EPOCHS = (3, 20)                       # the default epoch count: at least 3, at most 20 (for MIN_STEPS)
 HELDOUT = (0.1, 100, 1000)             # with no dev set: this fraction of train picks the checkpoint, clamped
 FINETUNE_DROPOUT = 0.1                 # when the checkpoint was pre-trained without dropout (ours: 0)
+# binary trains one logit z with BCE; transformers' BertForSequenceClassification two, z1 - z0 = (w1 - w0).h,
+# with softmax cross-entropy. Their gradients on w1 and w0 are equal and opposite, so Adam moves each by
+# the same lr-sized step and the margin's weights w1 - w0 by twice lr: the one-logit head at 2x lr takes
+# exactly those steps (tests/test_recipe.py checks the two heads step for step).  [eq:binary-head-lr]
+HEAD_LR_SCALE = {"binary": 2.0}        # task -> the head's lr / the encoder's; every other task: 1
 NEVER = 10 ** 9                        # "patience" of plain best-checkpoint selection: it never stops early
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
 
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", choices=["auto", "dev", "heldout", "last"], default="auto",
                    help="which weights to keep: the best on dev, the best on a held-out part of train (then dev "
                    "is judged fairly), or the last (auto: dev when there is one, else heldout)")
+    g.add_argument("--head-lr-scale", type=float, help="the classifier head's lr as a multiple of --lr (default: 2 "
+                   "for binary's one logit, which then steps as a two-logit softmax head does; else 1)")
     g.add_argument("--seeds", type=int, default=1, help="run N seeds (--seed, --seed+1, ...) into --out/seedK "
                    "and report the median and the spread")
     g.add_argument("--metric", help="dev metric for early stopping and the best model "
@@ -343,7 +350,14 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tup
         choose("dropout", FINETUNE_DROPOUT, "the checkpoint was trained without dropout; fine-tuning regularises")
     else:
         choose("dropout", dropout, "the checkpoint's")
-    choose("head", "normal(0, 0.02), bias 0, the encoder's lr", "as transformers' BertForSequenceClassification")
+    choose("head", "normal(0, 0.02), bias 0", "as transformers' BertForSequenceClassification")
+    if a.head_lr_scale is not None:
+        choose("head_lr_scale", a.head_lr_scale, "--head-lr-scale")
+    elif task in HEAD_LR_SCALE:
+        choose("head_lr_scale", HEAD_LR_SCALE[task], "one logit with BCE steps as a two-logit softmax head "
+               "(transformers') does at 1x")
+    else:
+        choose("head_lr_scale", 1.0, "the encoder's lr, as transformers'")
     return r, why
 
 
@@ -360,7 +374,7 @@ def set_dropout(model, p: float):
 def print_recipe(recipe: dict, why: dict):
     print("recipe:")
     for name, value in recipe.items():
-        print(f"  {name:<11} {value!s:<12} {why[name]}")
+        print(f"  {name:<13} {value!s:<12} {why[name]}")
 
 
 def heldout_split(n: int, held: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -620,9 +634,10 @@ def run(argv=None) -> dict:
     # what else must match for --resume to continue this run (the loop adds its own settings)
     fingerprint = {"task": task, "method": a.method, "init": "scratch" if scratch else str(init.resolve()),
                    "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length,
-                   "pooling": a.pooling}
+                   "pooling": a.pooling, "head_lr_scale": recipe["head_lr_scale"]}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
-                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint,
+                   lr_scales={"classifier.": recipe["head_lr_scale"]})
     train_seconds = time.time() - t_train
     if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
         dist_env.close()

@@ -230,25 +230,38 @@ class Dist:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.98),
-                    eps: float = 1e-6, impl: str = "auto", name: str = "adamw") -> torch.optim.Optimizer:
+                    eps: float = 1e-6, impl: str = "auto", name: str = "adamw",
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW (or, name="adafactor", optim.Adafactor) over the trainable parameters; biases and LayerNorm
     weights (every tensor with < 2 dims) get no weight decay: shrinking them towards 0 only fights the
     normalisation.
 
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)  [eq:adamw]
 
-    impl: "fused" (one kernel for all parameters), "foreach" (batched ops), "plain" (a loop), "auto"."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    impl: "fused" (one kernel for all parameters), "foreach" (batched ops), "plain" (a loop), "auto".
+    lr_scales: {parameter-name prefix: multiplier} (e.g. {"classifier.": 2.0}, finetune's head): those
+    parameters train at multiplier x the scheduled lr (each group keeps its "lr_scale"; train_step applies it)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    scale_of = lambda n: next((s for prefix, s in (lr_scales or {}).items() if n.startswith(prefix)), 1.0)
+    groups = {}                            # (decayed?, lr scale) -> parameters
+    for n, p in named:
+        groups.setdefault((p.ndim >= 2, scale_of(n)), []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale, "lr_scale": scale}
+              for (decayed, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     if name == "adafactor":
         from optim import Adafactor
         return Adafactor(groups, lr=lr)
     kw = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
           "plain": {"foreach": False}}[impl]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
+
+
+def set_lr(opt, lr: float):
+    """This step's scheduled lr into every parameter group, times the group's lr_scale (build_optimizer)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str = "linear",
@@ -611,8 +624,7 @@ def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast,
     # give exactly the gradient of one big batch, even when micro-batches hold different numbers of
     # masked tokens.  [eq:accum-normalise]
     n_targets = dist_env.all_reduce_sum(torch.tensor(float(sum(int(b["num_targets"]) for b in batches)), device=dev))
-    for group in opt.param_groups:
-        group["lr"] = lr
+    set_lr(opt, lr)
     loss_total = torch.zeros((), device=dev)
     for i, batch in enumerate(batches):
         batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -637,7 +649,7 @@ def train_step(par: Parallel, opt, scaler, loss_fn, batches, lr, clip, autocast,
 
 
 def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=None, monitor=None,
-          extra_state=None, log_fields=None, fingerprint=None) -> dict:
+          extra_state=None, log_fields=None, fingerprint=None, lr_scales=None) -> dict:
     """Train `model` in place; returns {"step", "stopped_early", "preempted", "last_eval", "best"}.
 
     config: a TrainConfig, or parsed flags holding its fields (pretrain.py passes its Namespace);
@@ -648,7 +660,8 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     eval_fn(model) -> dict of metrics (run on every rank with the plain, unwrapped model);
     on_save(model) -> export hook run on rank 0 after each checkpoint (e.g. save_hf_bert);
     monitor: (metric, "max"|"min", patience) for early stopping with the best weights restored;
-    fingerprint: {setting: value} that, besides the loop's own settings, must match for --resume (Checkpointer).
+    fingerprint: {setting: value} that, besides the loop's own settings, must match for --resume (Checkpointer);
+    lr_scales: {parameter-name prefix: lr multiplier} (build_optimizer), e.g. finetune's head.
 
     Pre-empted (a signal or --stop-at-step): the checkpoint is saved and "preempted" is True; the caller
     must then write no final results and exit with EX_TEMPFAIL. on_save still runs (an export per checkpoint).
@@ -660,7 +673,7 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     torch.manual_seed(cfg.seed + dist_env.data_rank)
     par = parallelize(model, cfg, dist_env)
     opt = build_optimizer(par.raw, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2), impl=par.optimizer_impl,
-                          name=cfg.optimizer)
+                          name=cfg.optimizer, lr_scales=lr_scales)
     scaler = torch.amp.GradScaler(dist_env.device.type, enabled=cfg.amp == "fp16")
     autocast = amp_context(cfg.amp, dist_env.device)
     warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)

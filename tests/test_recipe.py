@@ -1,12 +1,14 @@
 """The default fine-tuning recipe (finetune.resolve_recipe) as a specification: which learning rate, how many
 steps, which checkpoint, for a given training-set size, model and method; and that a run prints it and
 saves it in metrics.json. The comparison with a plain transformers loop lives in bench_finetune.py."""
+import copy
 import json
 
 import pytest
 import torch
 
 import finetune
+import trainer
 from data.tasks import write_sample_binary
 from model import EncoderConfig, LanguageModel, save_hf_bert
 from test_finetune import FAST                 # tiny_init: a fixture of conftest.py
@@ -75,6 +77,65 @@ def test_small_sets_get_more_epochs_until_a_minimum_number_of_steps(n, pretraine
     assert f"{expected_epochs} epochs" in why["max_steps"]
 
 
+def test_a_one_logit_binary_head_at_twice_the_lr_steps_as_a_two_logit_softmax_head():
+    """transformers' binary head: logits z0, z1 and softmax cross-entropy; ours: one logit (the margin
+    z1 - z0) and BCE. Started from the same margin, with the head at HEAD_LR_SCALE["binary"] x the lr,
+    AdamW takes the same steps: the same losses, the same encoder, and our head = w1 - w0, b1 - b0."""
+    torch.manual_seed(0)
+    C, lr, steps = 8, 1e-2, 30
+    two = torch.nn.ModuleDict({"encoder": torch.nn.Linear(C, C), "classifier": torch.nn.Linear(C, 2)}).double()
+    one = torch.nn.ModuleDict({"encoder": torch.nn.Linear(C, C), "classifier": torch.nn.Linear(C, 1)}).double()
+
+    def margin_of(two):       # the two-logit head as one logit: (w1 - w0, b1 - b0)
+        return two.classifier.weight[1:] - two.classifier.weight[:1], two.classifier.bias[1:] - two.classifier.bias[:1]
+
+    def run(one, scale):
+        with torch.no_grad():
+            one.encoder.load_state_dict(two.encoder.state_dict())
+            for mine, theirs in zip((one.classifier.weight, one.classifier.bias), margin_of(two)):
+                mine.copy_(theirs)
+        return trainer.build_optimizer(one, lr, weight_decay=0.0, lr_scales={"classifier.": scale})
+
+    opt_two = trainer.build_optimizer(two, lr, weight_decay=0.0)
+    opt_one = run(one, finetune.HEAD_LR_SCALE["binary"])
+    control = copy.deepcopy(one)
+    opt_control = run(control, 1.0)           # the same head at the encoder's lr drifts away
+    for step in range(steps):
+        x, y = torch.randn(16, C, dtype=torch.float64), torch.randint(0, 2, (16,))
+        for opt in (opt_two, opt_one, opt_control):
+            trainer.set_lr(opt, lr * (1 - step / steps))          # a decaying schedule, as train_step sets it
+            opt.zero_grad()
+        loss_two = torch.nn.functional.cross_entropy(two.classifier(torch.tanh(two.encoder(x))), y)
+        loss_one, loss_control = (torch.nn.functional.binary_cross_entropy_with_logits(
+            m.classifier(torch.tanh(m.encoder(x))).squeeze(-1), y.double()) for m in (one, control))
+        for loss, opt in ((loss_two, opt_two), (loss_one, opt_one), (loss_control, opt_control)):
+            loss.backward()
+            opt.step()
+        assert torch.allclose(loss_one, loss_two, rtol=1e-10, atol=0)
+    w, b = margin_of(two)
+    assert torch.allclose(one.classifier.weight, w, atol=1e-12) and torch.allclose(one.classifier.bias, b, atol=1e-12)
+    assert torch.allclose(one.encoder.weight, two.encoder.weight, atol=1e-12)
+    assert (control.classifier.weight - w).abs().max() > 1e-2       # at 1x it does not match
+
+
+@pytest.mark.parametrize("task, scale", [("binary", 2.0), ("multiclass", 1.0), ("regression", 1.0)])
+def test_only_the_one_logit_binary_head_trains_faster_than_the_encoder(task, scale):
+    r, why = recipe(task=task)
+    assert r["head_lr_scale"] == scale and (task != "binary" or "two-logit softmax" in why["head_lr_scale"])
+    assert recipe("--head-lr-scale", "1", task=task)[0]["head_lr_scale"] == 1.0
+
+
+def test_the_head_lr_scale_reaches_the_optimizer_and_the_schedule():
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "classifier": torch.nn.Linear(4, 1)})
+    opt = trainer.build_optimizer(model, 1e-4, lr_scales={"classifier.": 2.0})
+    trainer.set_lr(opt, 5e-5)
+    head = {id(p) for p in model["classifier"].parameters()}
+    for group in opt.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1 and group["lr"] == (1e-4 if in_head == {True} else 5e-5)
+        assert group["weight_decay"] == (0.01 if group["params"][0].ndim == 2 else 0.0)
+
+
 def test_flags_given_win_over_the_recipe():
     r, why = recipe("--lr", "3e-5", "--epochs", "2", "--dropout", "0.2")
     assert (r["lr"], r["max_steps"], r["epochs"], r["dropout"]) == (3e-5, 126, 2, 0.2)
@@ -119,7 +180,7 @@ def test_a_run_prints_its_recipe_and_saves_it_in_metrics_json(tiny_init, tmp_pat
     assert saved["recipe"]["heldout"] == 100 and saved["train_examples"] == 140
     assert "no dev set given: 100 training examples held out" in said
     for name, value in saved["recipe"].items():         # every choice printed with its reason
-        assert f"  {name:<11} {value!s:<12} {saved['recipe_why'][name]}" in said
+        assert f"  {name:<13} {value!s:<12} {saved['recipe_why'][name]}" in said
     assert saved["heldout_best"]["accuracy"] == saved["best"]
 
 
