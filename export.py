@@ -27,14 +27,49 @@ import tempfile
 import time
 import warnings
 
-import torch
-import torch.nn as nn
+from config import fail
 
-from atomic import atomic_write
-from finetuned import TASKS, save_finetuned, write_json
-from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
-from predict import InputError, Predictor, load_model
-from sparse import SPARSE_WEIGHTS, sparsify_folder
+# -----------------------------------------------------------------------------------------------------
+# the command line first: --help and a bad flag are answered before the imports below load torch (seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
+                                allow_abbrev=False)
+    p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
+    p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
+    p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
+                   help="zero this fraction of the encoder's Linear weights")
+    p.add_argument("--dense", action="store_true", help="after --prune, keep the dense model.safetensors "
+                   "(readable by other libraries) instead of the sparse model.sparse.safetensors")
+    p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
+    p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
+    p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
+    p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
+    p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
+    p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
+    p.add_argument("--text-col")
+    p.add_argument("--text-pair-col")
+    p.add_argument("--label-col", help="the label column of --report/--calib (default: label)")
+    return p
+
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()
+
+import torch  # noqa: E402  (the heavy imports come after the command line, on purpose)
+import torch.nn as nn  # noqa: E402
+
+from atomic import atomic_write  # noqa: E402
+from finetuned import TASKS, save_finetuned, write_json  # noqa: E402
+from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8  # noqa: E402
+from predict import InputError, Predictor, load_model  # noqa: E402
+from sparse import SPARSE_WEIGHTS, sparsify_folder  # noqa: E402
 
 
 
@@ -227,32 +262,6 @@ def export_torchscript(model, tokenizer, info, out: str) -> None:
         traced.save(os.path.join(out, "model.torchscript.pt"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
-                                allow_abbrev=False)
-    p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
-    p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
-    p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
-    p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
-    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
-                   help="zero this fraction of the encoder's Linear weights")
-    p.add_argument("--dense", action="store_true", help="after --prune, keep the dense model.safetensors "
-                   "(readable by other libraries) instead of the sparse model.sparse.safetensors")
-    p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
-    p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
-    p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
-    p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
-    p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
-    p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
-    p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
-    p.add_argument("--text-col")
-    p.add_argument("--text-pair-col")
-    p.add_argument("--label-col", help="the label column of --report/--calib (default: label)")
-    return p
-
-
 def check_args(args) -> None:
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise InputError(f"--out {args.out}: the folder exists and is not empty; choose a new one")
@@ -394,9 +403,8 @@ def report(stages: list[tuple[str, str]], info: dict, args, runtimes=()) -> None
     print(f"wrote {path}")
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    from trainer import fail
+def main(argv=None, args=None) -> None:
+    args = args or build_parser().parse_args(argv)     # the script parsed its flags before the heavy imports
     try:
         run(args)
     except (ValueError, OSError) as e:
@@ -404,4 +412,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

@@ -59,10 +59,11 @@ def test_the_model_names_its_shard_units():
 
 def test_the_shared_flags_are_generated_from_train_config():
     import argparse
+    import dataclasses
     p = trainer.add_training_args(argparse.ArgumentParser(), lr=1e-3)
     assert trainer.TrainConfig.from_args(p.parse_args([])) == trainer.TrainConfig(lr=1e-3)
     args = p.parse_args(["--max-steps", "7", "--amp", "bf16", "--fsdp", "--resume", "--stop-at-step", "3"])
     assert trainer.TrainConfig.from_args(args, out="o") == trainer.TrainConfig(
         out="o", lr=1e-3, max_steps=7, amp="bf16", fsdp=True, resume="auto", stop_at_step=3)
     flags = {a.dest for a in p._actions} - {"help"}
-    assert flags == {f.name for f in trainer.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
+    assert flags == {f.name for f in dataclasses.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
