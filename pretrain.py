@@ -408,7 +408,9 @@ def run(args, dist_env):
     if dist_env.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(f"{args.objective} pre-training: {note}, {n / 1e6:.2f}M parameters, "
-              f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}")
+              f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}; "
+              f"{args.max_steps:,} steps of {args.batch_size * args.grad_accum * dist_env.data_world} x {args.seq_len} "
+              f"tokens (the time they take is printed after the first {args.log_every})")
 
     # CLM: the first held-out windows, the same on every rank, so all ranks run (and log) the same generation
     gen_windows = torch.cat([b["input_ids"] for b in val_data.eval_batches(

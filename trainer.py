@@ -676,6 +676,7 @@ class Logger:
         self.file = self.tb = self.pbar = self.wandb = None
         self.flops_per_token, self.peak = None, None
         self.t0, self.tokens = time.time(), 0
+        self.started, self.start, self.eta_told = time.time(), start, False
         if not self.main:
             return
         self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
@@ -707,8 +708,19 @@ class Logger:
                             "tokens_per_s": self.tokens * self.dist_env.data_world / max(dt, 1e-9),
                             "grad_norm": float(grad_norm), "skipped_steps": skipped, **self.fields})
             self.t0, self.tokens = time.time(), 0
+            if self.main and not self.eta_told and step < self.cfg.max_steps:
+                self.tell_eta(step)
         if self.main:
             self.bar(step, loss_sum.item() / max(sum(int(b["num_targets"]) for b in batches), 1))
+
+    def tell_eta(self, step):
+        """Once, at the first log step: how long the rest will take at the speed so far (evaluations and
+        checkpoints not counted), so that nobody waits on a run without knowing for how long."""
+        self.eta_told = True
+        left = (time.time() - self.started) / (step - self.start) * (self.cfg.max_steps - step)
+        msg = (f"{step - self.start} steps took {time.time() - self.started:.1f} s: the remaining "
+               f"{self.cfg.max_steps - step:,} take about {left / 60:.1f} min at this speed")
+        (self.pbar.write if self.pbar else print)(msg)
 
     def write(self, record, echo=False):
         if not self.main:
