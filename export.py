@@ -20,6 +20,7 @@ predict.load_model picks between the two. `--report DEV` measures every stage si
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
     p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
     p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx and model.int8.onnx for onnxruntime, "
+                   "from the float model (before --quantize; onnxruntime quantizes it its own way); needs onnx")
     p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
     p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
     p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
@@ -293,17 +295,19 @@ def run(args) -> None:
                          "export takes full, top, bitfit and (merged) LoRA models")
     model.eval()
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        stages = compress(model, tokenizer, info, args, tmp)
+        stages, float_model = compress(model, tokenizer, info, args, tmp)
         if args.torchscript:
             export_torchscript(model, tokenizer, info, args.out)
-        runtimes = export_onnx(model, tokenizer, info, args.out) if args.onnx else []
+        runtimes = export_onnx(float_model, tokenizer, info, args.out) if args.onnx else []
         if args.report:
             report(stages, info, args, runtimes)
 
 
-def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
+def compress(model, tokenizer, info, args, tmp: str) -> tuple[list[tuple[str, str]], nn.Module]:
     """Run the steps in order and write OUT; with --report, also each step's model to tmp/ for measuring.
-    Returns [(stage name, folder)], starting with the float source."""
+    Returns [(stage name, folder)], starting with the float source, and the model as it was before int8
+    (what --onnx exports: onnxruntime quantizes the float graph its own way)."""
+    float_model = model
     stages, done = [("float", args.src)], {"source": args.src, "source_method": info.get("method"),
                                            "merged_lora": args.merge_lora}
 
@@ -333,6 +337,8 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
         done["sparsity"] = round(sparsity(model), 6)
         stage(f"pruned {args.prune:.0%}")
     if args.quantize:
+        if args.onnx:                                  # keep the float model for the ONNX graphs
+            float_model = copy.deepcopy(model)
         quantize_model(model)
         fbgemm = model.encoder.blocks[0].ffn.fc1.packed is not None
         done["quantize"] = "int8 per-row affine, " + ("fbgemm int8 GEMM" if fbgemm else "dequantized to float")
@@ -341,7 +347,7 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
     print(f"wrote {args.out} ({model_mb(args.out):.2f} MB): {json.dumps(done)}")
     if args.report and len(stages) > 1:
         stages[-1] = (stages[-1][0], args.out)          # the last step's model is OUT itself
-    return stages
+    return stages, float_model
 
 
 def export_onnx(model, tokenizer, info, out: str) -> list[str]:
