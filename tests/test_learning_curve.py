@@ -32,7 +32,7 @@ def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny
     out = tmp_path / "curve"
     args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init),
             "--also", f"again={tiny_init}", "--sizes", "all", "--seeds", "2", "--min-steps", "4",
-            "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "32", "--out", str(out)]
+            "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "16", "--out", str(out)]
     table = lc.main(args)
     assert set(table) == {"random", "pretrained", "pretrained + TAPT", "again", "bow"}
     saved = json.loads((out / "curve.json").read_text())
