@@ -396,14 +396,25 @@ class Parallel:
         return get_optimizer_state_dict(self.sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load(self, model_state_dict, opt, opt_state_dict):
+        self.load_model(model_state_dict)
         if not self.distributed:
-            self.raw.load_state_dict(model_state_dict)
             opt.load_state_dict(opt_state_dict)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.sharded, model_state_dict, options=options)
-        set_optimizer_state_dict(self.sharded, opt, opt_state_dict, options=options)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.sharded, opt, opt_state_dict, options=StateDictOptions(full_state_dict=True))
+
+    def load_model(self, model_state_dict):
+        """Full (unsharded) weights into the model; under FSDP/TP a collective that shards them again."""
+        if not self.distributed:
+            self.raw.load_state_dict(model_state_dict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        if self.fsdp:       # after a forward the root keeps its weights gathered: shard them again first
+            from torch.distributed.fsdp import FSDPModule
+            for m in self.sharded.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        set_model_state_dict(self.sharded, model_state_dict, options=StateDictOptions(full_state_dict=True))
 
     def for_eval(self):
         return self.model if self.fsdp else self.raw            # FSDP: only the sharded module holds weights
@@ -582,14 +593,18 @@ class Checkpointer:
                            ) from None
 
     def save_best(self):
+        """best_model.pt. Every rank calls it (each saw the same dev metric): under FSDP/TP gathering the
+        full weights is a collective, so rank 0 alone would wait for the others forever."""
+        state = self.par.state_dict()
         if self.dist_env.is_main:
             with self.writing("the best model"):
-                atomic_save(model_state(self.par.raw), self.best_path)
+                atomic_save(state, self.best_path)
+        self.dist_env.barrier()
 
     def restore_best(self, early: EarlyStopping):
-        """Early stopping: put the best weights back."""
+        """Early stopping: put the best weights back (on every rank; FSDP/TP shard them again)."""
         if early.metric is not None and os.path.exists(self.best_path):
-            self.par.raw.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+            self.par.load_model(torch.load(self.best_path, map_location="cpu", weights_only=True))
 
 
 def _alive(pid: int) -> bool:
