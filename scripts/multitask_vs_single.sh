@@ -2,8 +2,9 @@
 # Multi-task against single-task at the same budget: one `finetune.py --tasks` run on SST-2 + STS-B + CoLA,
 # then one single-task run per task with exactly the steps that task got in the multi-task run (read from
 # its metrics.json), so the three single-task runs together train as many steps of as many examples as the
-# multi-task run, and each task sees the same examples in both (TaskDataset's order is a function of the
-# seed alone). Every run evaluates once, at the end: the last weights, no dev-set selection.
+# multi-task run, and each task reads the same batches in both (TaskDataset's batches depend on the data,
+# the batch size and the seed only). Every run evaluates once, at the end: the last weights, no dev-set
+# selection.
 #
 #   bash scripts/multitask_vs_single.sh INIT SST2_TRAIN [STEPS] [SEEDS] [OUT]   # default 600 steps, 1 seed, out/mt-vs-st
 #
