@@ -20,6 +20,7 @@ predict.load_model picks between the two. `--report DEV` measures every stage si
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,14 +28,50 @@ import tempfile
 import time
 import warnings
 
-import torch
-import torch.nn as nn
+from config import fail
 
-from atomic import atomic_write
-from finetuned import TASKS, save_finetuned, write_json
-from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8
-from predict import InputError, Predictor, load_model
-from sparse import SPARSE_WEIGHTS, sparsify_folder
+# -----------------------------------------------------------------------------------------------------
+# the command line first: --help and a bad flag are answered before the imports below load torch (seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
+                                allow_abbrev=False)
+    p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
+    p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
+    p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
+                   help="zero this fraction of the encoder's Linear weights")
+    p.add_argument("--dense", action="store_true", help="after --prune, keep the dense model.safetensors "
+                   "(readable by other libraries) instead of the sparse model.sparse.safetensors")
+    p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
+    p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
+    p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
+    p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx and model.int8.onnx for onnxruntime, "
+                   "from the float model (before --quantize; onnxruntime quantizes it its own way); needs onnx")
+    p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
+    p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
+    p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
+    p.add_argument("--text-col")
+    p.add_argument("--text-pair-col")
+    p.add_argument("--label-col", help="the label column of --report/--calib (default: label)")
+    return p
+
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()
+
+import torch  # noqa: E402  (the heavy imports come after the command line, on purpose)
+import torch.nn as nn  # noqa: E402
+
+from atomic import atomic_write  # noqa: E402
+from finetuned import TASKS, save_finetuned, write_json  # noqa: E402
+from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8  # noqa: E402
+from predict import InputError, Predictor, load_model  # noqa: E402
+from sparse import SPARSE_WEIGHTS, sparsify_folder  # noqa: E402
 
 
 
@@ -227,32 +264,6 @@ def export_torchscript(model, tokenizer, info, out: str) -> None:
         traced.save(os.path.join(out, "model.torchscript.pt"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compress a fine-tuned model into an inference-only folder.",
-                                allow_abbrev=False)
-    p.add_argument("src", help="a fine-tuned model folder (finetune.py)")
-    p.add_argument("--out", required=True, help="the new folder (must not exist, or be empty)")
-    p.add_argument("--merge-lora", action="store_true", help="fold LoRA updates into the weights")
-    p.add_argument("--prune-heads", type=int, default=0, metavar="N", help="remove the N least important heads")
-    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
-                   help="zero this fraction of the encoder's Linear weights")
-    p.add_argument("--dense", action="store_true", help="after --prune, keep the dense model.safetensors "
-                   "(readable by other libraries) instead of the sparse model.sparse.safetensors")
-    p.add_argument("--quantize", choices=("int8",), help="int8 weights (Linear layers and the token embeddings)")
-    p.add_argument("--calib", help="labelled examples for head importance (default: the --report file)")
-    p.add_argument("--calib-examples", type=int, default=256, help="how many of them to use")
-    p.add_argument("--torchscript", action="store_true", help="also write model.torchscript.pt")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
-    p.add_argument("--report", metavar="DEV", help="a labelled dev file: measure every stage on it")
-    p.add_argument("--report-json", help="where the report goes (default: OUT/report.json)")
-    p.add_argument("--repeats", type=int, default=5, help="timing passes per measurement (the median is kept)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
-    p.add_argument("--text-col")
-    p.add_argument("--text-pair-col")
-    p.add_argument("--label-col", help="the label column of --report/--calib (default: label)")
-    return p
-
-
 def check_args(args) -> None:
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise InputError(f"--out {args.out}: the folder exists and is not empty; choose a new one")
@@ -284,17 +295,19 @@ def run(args) -> None:
                          "export takes full, top, bitfit and (merged) LoRA models")
     model.eval()
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        stages = compress(model, tokenizer, info, args, tmp)
+        stages, float_model = compress(model, tokenizer, info, args, tmp)
         if args.torchscript:
             export_torchscript(model, tokenizer, info, args.out)
-        runtimes = export_onnx(model, tokenizer, info, args.out) if args.onnx else []
+        runtimes = export_onnx(float_model, tokenizer, info, args.out) if args.onnx else []
         if args.report:
             report(stages, info, args, runtimes)
 
 
-def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
+def compress(model, tokenizer, info, args, tmp: str) -> tuple[list[tuple[str, str]], nn.Module]:
     """Run the steps in order and write OUT; with --report, also each step's model to tmp/ for measuring.
-    Returns [(stage name, folder)], starting with the float source."""
+    Returns [(stage name, folder)], starting with the float source, and the model as it was before int8
+    (what --onnx exports: onnxruntime quantizes the float graph its own way)."""
+    float_model = model
     stages, done = [("float", args.src)], {"source": args.src, "source_method": info.get("method"),
                                            "merged_lora": args.merge_lora}
 
@@ -324,6 +337,8 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
         done["sparsity"] = round(sparsity(model), 6)
         stage(f"pruned {args.prune:.0%}")
     if args.quantize:
+        if args.onnx:                                  # keep the float model for the ONNX graphs
+            float_model = copy.deepcopy(model)
         quantize_model(model)
         fbgemm = model.encoder.blocks[0].ffn.fc1.packed is not None
         done["quantize"] = "int8 per-row affine, " + ("fbgemm int8 GEMM" if fbgemm else "dequantized to float")
@@ -332,7 +347,7 @@ def compress(model, tokenizer, info, args, tmp: str) -> list[tuple[str, str]]:
     print(f"wrote {args.out} ({model_mb(args.out):.2f} MB): {json.dumps(done)}")
     if args.report and len(stages) > 1:
         stages[-1] = (stages[-1][0], args.out)          # the last step's model is OUT itself
-    return stages
+    return stages, float_model
 
 
 def export_onnx(model, tokenizer, info, out: str) -> list[str]:
@@ -394,9 +409,8 @@ def report(stages: list[tuple[str, str]], info: dict, args, runtimes=()) -> None
     print(f"wrote {path}")
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    from trainer import fail
+def main(argv=None, args=None) -> None:
+    args = args or build_parser().parse_args(argv)     # the script parsed its flags before the heavy imports
     try:
         run(args)
     except (ValueError, OSError) as e:
@@ -404,4 +418,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

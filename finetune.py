@@ -205,6 +205,9 @@ def check_args(a):
         if given:
             raise FinetuneError(f"--tasks: not combined with {', '.join(given)} (each task names its own files "
                                 "in NAME:KIND:TRAIN[:DEV]; the rest is single-task only)")
+    if a.fsdp:     # rank 0 alone evaluates and exports the trained model, which FSDP would hold in shards
+        raise FinetuneError("--fsdp: finetune.py does not shard (a BERT-size model fits each device): run it "
+                            "under torchrun without --fsdp for data parallelism; pretrain.py takes --fsdp")
     a.task = a.task or "binary"
     if a.task in SPAN_TASKS:
         used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),

@@ -17,10 +17,52 @@ import json
 import os
 import sys
 
-import torch
+from config import fail
 
-from model import KVCache, left_padded_positions
-from trainer import fail
+# -----------------------------------------------------------------------------------------------------
+# the command line first: --help and a bad flag are answered before the imports below load torch (seconds)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="folder from pretrain.py --objective clm")
+    p.add_argument("prompts", nargs="*", help="texts to continue (else --file, else stdin)")
+    p.add_argument("--file", help="prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the scores by this; 0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set holding this mass (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already present")
+    p.add_argument("--no-stop", action="store_true", help="keep going past [SEP] (the end of a document)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the sampled tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (left-padded)")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (slow; for checks)")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    args = p.parse_intermixed_args(argv)                    # prompts may come after the flags
+    checks = [(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected at least 1"),
+              (args.temperature >= 0, f"--temperature {args.temperature}: expected 0 (greedy) or more"),
+              (args.top_k >= 0, f"--top-k {args.top_k}: expected 0 (off) or a positive count"),
+              (0 < args.top_p <= 1, f"--top-p {args.top_p}: expected a probability mass in (0, 1]"),
+              (args.repetition_penalty > 0, f"--repetition-penalty {args.repetition_penalty}: expected > 0 (1: off)"),
+              (args.batch_size >= 1, f"--batch-size {args.batch_size}: expected at least 1"),
+              (args.seed >= 0, f"--seed {args.seed}: expected a non-negative integer")]
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+    if args.greedy:
+        args.temperature = 0.0
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import torch  # noqa: E402  (the heavy imports come after the command line, on purpose)
+
+from model import KVCache, left_padded_positions  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 # one decoding step: scores -> the next token
@@ -183,42 +225,8 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="folder from pretrain.py --objective clm")
-    p.add_argument("prompts", nargs="*", help="texts to continue (else --file, else stdin)")
-    p.add_argument("--file", help="prompts, one per line")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divide the scores by this; 0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set holding this mass (1: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already present")
-    p.add_argument("--no-stop", action="store_true", help="keep going past [SEP] (the end of a document)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the sampled tokens")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (left-padded)")
-    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (slow; for checks)")
-    p.add_argument("--format", choices=["text", "jsonl"], default="text")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    args = p.parse_intermixed_args(argv)                    # prompts may come after the flags
-    checks = [(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected at least 1"),
-              (args.temperature >= 0, f"--temperature {args.temperature}: expected 0 (greedy) or more"),
-              (args.top_k >= 0, f"--top-k {args.top_k}: expected 0 (off) or a positive count"),
-              (0 < args.top_p <= 1, f"--top-p {args.top_p}: expected a probability mass in (0, 1]"),
-              (args.repetition_penalty > 0, f"--repetition-penalty {args.repetition_penalty}: expected > 0 (1: off)"),
-              (args.batch_size >= 1, f"--batch-size {args.batch_size}: expected at least 1"),
-              (args.seed >= 0, f"--seed {args.seed}: expected a non-negative integer")]
-    for ok, msg in checks:
-        if not ok:
-            fail(msg)
-    if args.greedy:
-        args.temperature = 0.0
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None):
+    args = args or parse_args(argv)          # the script parsed its flags before the heavy imports
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -245,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

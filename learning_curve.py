@@ -90,9 +90,12 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
     """More MLM on the task's own training text, labels dropped: prepare it with the pre-trained folder's
     tokenizer, then pretrain.py --init. Done once; reused by every size and seed."""
     model_dir = folder / "model"
+    # every setting that changes the TAPT model: a cached one made with other settings is redone, not reused
+    settings = {"init": pretrained, "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
+                "mask_rate": a.tapt_mask_rate}
     if (model_dir / "config.json").is_file() and (model_dir / "checkpoint.pt").is_file():
         done = json.loads((model_dir / "tapt.json").read_text()) if (model_dir / "tapt.json").is_file() else {}
-        if done.get("steps") == a.tapt_steps and done.get("init") == pretrained:
+        if {k: done.get(k) for k in settings} == settings:
             return str(model_dir)
     text_dir = folder / "text"
     text_dir.mkdir(parents=True, exist_ok=True)
@@ -112,8 +115,7 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
                 "--lr", str(a.tapt_lr), "--warmup", "0.06", "--dropout", "0", "--mask-rate", str(a.tapt_mask_rate),
                 "--eval-every", str(max(1, a.tapt_steps // 4)), "--eval-batches", "10", "--save-every", "0",
                 "--no-progress", "--out", str(model_dir)], model_dir, model_dir / "config.json")
-    (model_dir / "tapt.json").write_text(json.dumps({"init": pretrained, "steps": a.tapt_steps,
-                                                     "seconds": round(time.time() - t0, 1)}))
+    (model_dir / "tapt.json").write_text(json.dumps({**settings, "seconds": round(time.time() - t0, 1)}))
     return str(model_dir)
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
+from config import PRESETS
 from losses import cross_entropy
 
 # -----------------------------------------------------------------------------------------------------
@@ -84,8 +85,6 @@ class EncoderConfig:
         return cls(**d)
 
 
-PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
-           "base": (12, 768, 12)}
 
 # -----------------------------------------------------------------------------------------------------
 # building blocks

@@ -59,6 +59,7 @@ class Predictor:
         self._predict_proba = predict_proba
         if not paths:
             raise InputError("no model folder given")
+        self.runtime = runtime
         self.members = [load_model(p, runtime, threads) for p in paths]
         self.info = self.members[0][2]
         self.task, self.labels = self.info["task"], list(self.info.get("labels") or [])

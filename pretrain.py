@@ -15,11 +15,77 @@ import math
 import os
 import sys
 
-import numpy as np
-import torch
+from config import PRESETS, add_training_args, fail
 
-import trainer
-from model import PRESETS, EncoderConfig, LanguageModel, save_hf_bert
+# -----------------------------------------------------------------------------------------------------
+# the command line first: it needs config.py alone, so --help and a bad flag are answered before the
+# imports below load torch (seconds)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default=None, help="prepared folder from data/prepare.py (default: build data/pydoc "
+                   "from the Python documentation shipped with every Python)")
+    p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
+                   "val.bin is evaluated too, e.g. WikiText test prepared with --val-only")
+    p.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="masked or causal language modelling")
+    p.add_argument("--init", metavar="DIR", help="continue pre-training a BERT-layout folder (a pretrain.py output, "
+                   "all-MiniLM-L6-v2, ...) instead of starting from random weights: domain/task-adaptive pre-training. "
+                   "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
+    p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
+    p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
+    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
+                   "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout on hidden states and attention weights")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
+    p.add_argument("--eval-mask-rate", type=float, help="MLM: mask rate of the validation batches (default "
+                   "--mask-rate; fix it, e.g. 0.15, to compare runs trained at different rates)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
+    p.add_argument("--eval-generate", type=int, default=None, metavar="K", help="CLM: at each evaluation, "
+                   "greedy-continue the first K tokens of held-out windows by K tokens and log BLEU and ROUGE-L "
+                   "against the true ones (default 16, 0: off)")
+    p.add_argument("--eval-generate-windows", type=int, default=16, metavar="N", help="windows for --eval-generate")
+    # defaults: a tiny model that visibly learns in a few minutes on a laptop CPU; real runs set these
+    add_training_args(p, out="out/pretrain", max_steps=500, batch_size=32, lr=1e-3, warmup=0.05,
+                              eval_every=100, save_every=250)
+    args = p.parse_args(argv)
+    for flag, rate in (("--mask-rate", args.mask_rate), ("--eval-mask-rate", args.eval_mask_rate)):
+        if rate is not None and not 0 < rate < 1:
+            fail(f"{flag} {rate}: expected a fraction between 0 and 1")
+    if args.init is not None:
+        given = [f for f, v in (("--model", args.model), ("--norm", args.norm)) if v is not None]
+        if given:
+            fail(f"{' and '.join(given)}: the architecture comes from --init {args.init}; drop {' and '.join(given)}")
+        if args.resume:
+            fail(f"--init {args.init} with --resume: a resumed run continues its own checkpoint; "
+                         "give one of them (--init starts a new run in a fresh --out)")
+    args.preset_given = args.model is not None or args.norm is not None
+    args.model, args.norm = args.model or "tiny", args.norm or "post"
+    if args.seed < 0:
+        fail(f"--seed {args.seed}: expected a non-negative integer")
+    if args.seq_len < 2:
+        fail(f"--seq-len {args.seq_len}: expected at least 2")
+    if args.eval_generate is not None and args.eval_generate and args.objective != "clm":
+        fail(f"--eval-generate {args.eval_generate}: only a causal LM (--objective clm) continues text")
+    if args.eval_generate is None:
+        args.eval_generate = min(16, args.seq_len // 2) if args.objective == "clm" else 0
+    if not 0 <= 2 * args.eval_generate <= args.seq_len or args.eval_generate_windows < 1:
+        fail(f"--eval-generate {args.eval_generate} --eval-generate-windows {args.eval_generate_windows}: "
+                     f"expected K in 0..{args.seq_len // 2} (prompt and continuation fit in --seq-len) and N >= 1")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import numpy as np  # noqa: E402  (the heavy imports come after the command line, on purpose)
+import torch  # noqa: E402
+
+import trainer  # noqa: E402
+from model import EncoderConfig, LanguageModel, save_hf_bert  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 # token shards: train.bin / val.bin are flat token streams, one [SEP] after every document
@@ -273,67 +339,8 @@ def init_from(folder: str, shards: "Shards", args) -> tuple[LanguageModel, str]:
     return model, f"continued from {folder} (encoder; it has no LM head: a new one is initialised, tied to the word embeddings)"
 
 
-# -----------------------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--data", default=None, help="prepared folder from data/prepare.py (default: build data/pydoc "
-                   "from the Python documentation shipped with every Python)")
-    p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
-                   "val.bin is evaluated too, e.g. WikiText test prepared with --val-only")
-    p.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="masked or causal language modelling")
-    p.add_argument("--init", metavar="DIR", help="continue pre-training a BERT-layout folder (a pretrain.py output, "
-                   "all-MiniLM-L6-v2, ...) instead of starting from random weights: domain/task-adaptive pre-training. "
-                   "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
-    p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
-    p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
-    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
-                   "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout on hidden states and attention weights")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
-    p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
-    p.add_argument("--eval-mask-rate", type=float, help="MLM: mask rate of the validation batches (default "
-                   "--mask-rate; fix it, e.g. 0.15, to compare runs trained at different rates)")
-    p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per evaluation")
-    p.add_argument("--sample", type=int, default=0, metavar="N", help="CLM: print N generated continuations at the end")
-    p.add_argument("--eval-generate", type=int, default=None, metavar="K", help="CLM: at each evaluation, "
-                   "greedy-continue the first K tokens of held-out windows by K tokens and log BLEU and ROUGE-L "
-                   "against the true ones (default 16, 0: off)")
-    p.add_argument("--eval-generate-windows", type=int, default=16, metavar="N", help="windows for --eval-generate")
-    # defaults: a tiny model that visibly learns in a few minutes on a laptop CPU; real runs set these
-    trainer.add_training_args(p, out="out/pretrain", max_steps=500, batch_size=32, lr=1e-3, warmup=0.05,
-                              eval_every=100, save_every=250)
-    args = p.parse_args(argv)
-    for flag, rate in (("--mask-rate", args.mask_rate), ("--eval-mask-rate", args.eval_mask_rate)):
-        if rate is not None and not 0 < rate < 1:
-            trainer.fail(f"{flag} {rate}: expected a fraction between 0 and 1")
-    if args.init is not None:
-        given = [f for f, v in (("--model", args.model), ("--norm", args.norm)) if v is not None]
-        if given:
-            trainer.fail(f"{' and '.join(given)}: the architecture comes from --init {args.init}; drop {' and '.join(given)}")
-        if args.resume:
-            trainer.fail(f"--init {args.init} with --resume: a resumed run continues its own checkpoint; "
-                         "give one of them (--init starts a new run in a fresh --out)")
-    args.preset_given = args.model is not None or args.norm is not None
-    args.model, args.norm = args.model or "tiny", args.norm or "post"
-    if args.seed < 0:
-        trainer.fail(f"--seed {args.seed}: expected a non-negative integer")
-    if args.seq_len < 2:
-        trainer.fail(f"--seq-len {args.seq_len}: expected at least 2")
-    if args.eval_generate is not None and args.eval_generate and args.objective != "clm":
-        trainer.fail(f"--eval-generate {args.eval_generate}: only a causal LM (--objective clm) continues text")
-    if args.eval_generate is None:
-        args.eval_generate = min(16, args.seq_len // 2) if args.objective == "clm" else 0
-    if not 0 <= 2 * args.eval_generate <= args.seq_len or args.eval_generate_windows < 1:
-        trainer.fail(f"--eval-generate {args.eval_generate} --eval-generate-windows {args.eval_generate_windows}: "
-                     f"expected K in 0..{args.seq_len // 2} (prompt and continuation fit in --seq-len) and N >= 1")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None):
+    args = args or parse_args(argv)          # the script parsed its flags before the heavy imports
     dist_env = trainer.Dist(args.device, args.dist_timeout, tp=args.tp)
     try:
         return run(args, dist_env)
@@ -401,7 +408,9 @@ def run(args, dist_env):
     if dist_env.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(f"{args.objective} pre-training: {note}, {n / 1e6:.2f}M parameters, "
-              f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}")
+              f"{len(shards.train):,} training tokens from {args.data}, world size {dist_env.world_size}; "
+              f"{args.max_steps:,} steps of {args.batch_size * args.grad_accum * dist_env.data_world} x {args.seq_len} "
+              f"tokens (the time they take is printed after the first {args.log_every})")
 
     # CLM: the first held-out windows, the same on every rank, so all ranks run (and log) the same generation
     gen_windows = torch.cat([b["input_ids"] for b in val_data.eval_batches(
@@ -439,5 +448,5 @@ def run(args, dist_env):
 
 
 if __name__ == "__main__":
-    result = main()        # pre-empted: EX_TEMPFAIL (75), so no pipeline takes an unfinished run for a finished one
+    result = main(args=ARGS)   # pre-empted: EX_TEMPFAIL (75), so no pipeline takes an unfinished run for a finished one
     sys.exit(trainer.EX_TEMPFAIL if result and result["preempted"] else 0)

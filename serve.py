@@ -410,6 +410,9 @@ def create_app(predictor: Predictor, token: str | None, limits: Limits, max_batc
         from explain import ExplainError, explain
         if token is not None and not authorized(request.headers.get("authorization"), token):
             raise RequestError(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+        if predictor.runtime != "torch":
+            raise RequestError(422, f"/explain needs gradients, which --runtime {predictor.runtime} has not: "
+                                    "serve the folder with --runtime torch")
         opts = parse_explain(await read_body(request, limits.max_body_bytes), limits)
         request.scope["plainbert"].update(n_texts=1, texts=[opts["text"]])
         model, tokenizer, info = predictor.members[0]            # an ensemble: its first member
@@ -489,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts per request, at most")
     p.add_argument("--max-chars", type=int, default=Limits.max_chars, help="characters per text, at most")
-    p.add_argument("--threads", type=int, help="torch CPU threads for the forward pass (default: torch's)")
+    p.add_argument("--threads", type=int, help="CPU threads for the forward pass (default: torch's / onnxruntime's)")
+    p.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="onnx / onnx-int8: run model.onnx / model.int8.onnx (export.py --onnx) in onnxruntime; "
+                        "/explain needs torch (gradients)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on shutdown")
     p.add_argument("--log-text", action="store_true", help="also log each request's texts (off: they may be private)")
     p.add_argument("--redact", action="store_true",
@@ -528,10 +534,11 @@ def main(argv=None) -> None:
             import uvicorn
         except ImportError:
             raise InputError("serve.py needs fastapi and uvicorn (pip install fastapi uvicorn)") from None
-        if args.threads:
+        if args.threads and args.runtime == "torch":
             import torch
             torch.set_num_threads(args.threads)
-        predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.max_batch)
+        predictor = Predictor([p for p in args.model.split(",") if p], batch_size=args.max_batch, runtime=args.runtime,
+                              threads=args.threads)
         sock = listen(args.host, args.port)
     except (ValueError, OSError) as e:          # one line, exit 2 (not trainer.fail: no torch import before the checks)
         print(f"error: {e}", file=sys.stderr)
@@ -548,7 +555,7 @@ def main(argv=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     host, port = sock.getsockname()[:2]
-    log({"event": "listening", "host": host, "port": port, "model": args.model, "auth": token is not None,
+    log({"event": "listening", "host": host, "port": port, "model": args.model, "runtime": args.runtime, "auth": token is not None,
          "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms})
     server.run(sockets=[sock])
     log({"event": "stopped"})

@@ -18,7 +18,6 @@ The loop knows nothing about masks, labels or heads. Its pieces, each named:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import errno
@@ -28,90 +27,19 @@ import json
 import math
 import os
 import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import atomic_write
+from config import EX_TEMPFAIL, TrainConfig, add_training_args, fail  # noqa: F401 (re-exported)
 from model import shard_units, unwrap
 
-# -----------------------------------------------------------------------------------------------------
-# the loop's configuration, and the flags shared by pretrain.py and finetune.py made from it
-
-
-def flag(default, help, **argparse_kw):
-    """A TrainConfig field that is also a command-line flag (--name-with-dashes)."""
-    return field(default=default, metadata={"help": help, **argparse_kw})
-
-
-@dataclass
-class TrainConfig:
-    """Everything train() reads. Build it directly, or from parsed flags with TrainConfig.from_args."""
-    out: str | None = flag(None, "output folder: checkpoint, exported model, metrics.jsonl")
-    max_steps: int = flag(1000, "optimizer steps", type=int)
-    batch_size: int = flag(32, "examples per micro-batch on each rank", type=int)
-    grad_accum: int = flag(1, "micro-batches per optimizer step", type=int)
-    lr: float = flag(5e-4, "peak learning rate", type=float)
-    weight_decay: float = flag(0.01, "AdamW decoupled weight decay (not on biases/norms)", type=float)
-    beta2: float = flag(0.98, "AdamW beta2 (beta1 = 0.9)", type=float)
-    optimizer: str = flag("adamw", "adafactor (optim.py): factored second moments, no first moment; --lr is then "
-                          "the cap on its relative step (the paper's 1e-2)", choices=["adamw", "adafactor"])
-    warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
-    schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
-    clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
-    amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])
-    compile: bool = flag(False, "torch.compile the model", action="store_true")
-    fsdp: bool = flag(False, "shard parameters with FSDP2 fully_shard (under torchrun)", action="store_true")
-    tp: int = flag(1, "tensor-parallel ranks per model replica (parallel.py); the world size must be a "
-                   "multiple, the rest is data parallelism", type=int)
-    eval_every: int = flag(200, "evaluate every N steps (0: only at the end)", type=int)
-    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", type=int)
-    log_every: int = flag(10, "write a metrics.jsonl line every N steps", type=int)
-    seed: int = flag(1337, "seeds dropout (each rank its own) and the data order", type=int)
-    resume: str | None = flag(None, "continue the run in --out (or from CHECKPOINT)", nargs="?", const="auto",
-                              metavar="CHECKPOINT")
-    stop_at_step: int | None = flag(None, "save a checkpoint and exit (code 75) at this step", type=int)
-    allow_changed: str | None = flag(None, "--resume even though these settings differ from the saved run's, "
-                                     "comma-separated (e.g. max_steps to train a finished run longer)")
-    dist_timeout: float = flag(600, "seconds a collective may wait for the other ranks before failing "
-                               "(a dead or frozen rank)", type=float)
-    tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
-    wandb: str | None = flag(None, "also log to this Weights & Biases project (WANDB_MODE=offline: no network)",
-                             metavar="PROJECT")
-    device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    no_progress: bool = flag(False, "no tqdm bar", action="store_true")
-    seq_len: int | None = None        # not a flag: tokens per sequence for the MFU estimate (pretrain's --seq-len)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainConfig":
-        """The fields found in parsed flags (pretrain's, finetune's), then `overrides`."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**(given | overrides))
-
-
-def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
-    """TrainConfig's flags, in one argument group; `defaults` overrides the caller's own defaults."""
-    g = p.add_argument_group("training loop")
-    for f in fields(TrainConfig):
-        if "help" in f.metadata:
-            g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
-    p.set_defaults(**defaults)
-    return p
-
-
-def fail(msg: str):
-    """A user error: one line naming the flag/file and what was expected, exit code 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-# A pre-empted run (SIGTERM / SIGUSR1 / --stop-at-step) exits with this code: BSD's EX_TEMPFAIL, "try
-# again later". Not 0, so that a pipeline never deploys or reports an unfinished model; `--resume` finishes it.
-EX_TEMPFAIL = 75
+# the loop's configuration (TrainConfig, its flags) and fail/EX_TEMPFAIL live in config.py, which needs no
+# torch, so that every --help answers at once; they are imported here for `trainer.TrainConfig`
 
 
 class RunError(ValueError):
@@ -409,14 +337,25 @@ class Parallel:
         return get_optimizer_state_dict(self.sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load(self, model_state_dict, opt, opt_state_dict):
+        self.load_model(model_state_dict)
         if not self.distributed:
-            self.raw.load_state_dict(model_state_dict)
             opt.load_state_dict(opt_state_dict)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.sharded, model_state_dict, options=options)
-        set_optimizer_state_dict(self.sharded, opt, opt_state_dict, options=options)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.sharded, opt, opt_state_dict, options=StateDictOptions(full_state_dict=True))
+
+    def load_model(self, model_state_dict):
+        """Full (unsharded) weights into the model; under FSDP/TP a collective that shards them again."""
+        if not self.distributed:
+            self.raw.load_state_dict(model_state_dict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        if self.fsdp:       # after a forward the root keeps its weights gathered: shard them again first
+            from torch.distributed.fsdp import FSDPModule
+            for m in self.sharded.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        set_model_state_dict(self.sharded, model_state_dict, options=StateDictOptions(full_state_dict=True))
 
     def for_eval(self):
         return self.model if self.fsdp else self.raw            # FSDP: only the sharded module holds weights
@@ -595,14 +534,18 @@ class Checkpointer:
                            ) from None
 
     def save_best(self):
+        """best_model.pt. Every rank calls it (each saw the same dev metric): under FSDP/TP gathering the
+        full weights is a collective, so rank 0 alone would wait for the others forever."""
+        state = self.par.state_dict()
         if self.dist_env.is_main:
             with self.writing("the best model"):
-                atomic_save(model_state(self.par.raw), self.best_path)
+                atomic_save(state, self.best_path)
+        self.dist_env.barrier()
 
     def restore_best(self, early: EarlyStopping):
-        """Early stopping: put the best weights back."""
+        """Early stopping: put the best weights back (on every rank; FSDP/TP shard them again)."""
         if early.metric is not None and os.path.exists(self.best_path):
-            self.par.raw.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+            self.par.load_model(torch.load(self.best_path, map_location="cpu", weights_only=True))
 
 
 def _alive(pid: int) -> bool:
@@ -761,6 +704,7 @@ class Logger:
         self.file = self.tb = self.pbar = self.wandb = None
         self.flops_per_token, self.peak = None, None
         self.t0, self.tokens = time.time(), 0
+        self.started, self.start, self.eta_told = time.time(), start, False
         if not self.main:
             return
         self.file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
@@ -792,8 +736,19 @@ class Logger:
                             "tokens_per_s": self.tokens * self.dist_env.data_world / max(dt, 1e-9),
                             "grad_norm": float(grad_norm), "skipped_steps": skipped, **self.fields})
             self.t0, self.tokens = time.time(), 0
+            if self.main and not self.eta_told and step < self.cfg.max_steps:
+                self.tell_eta(step)
         if self.main:
             self.bar(step, loss_sum.item() / max(sum(int(b["num_targets"]) for b in batches), 1))
+
+    def tell_eta(self, step):
+        """Once, at the first log step: how long the rest will take at the speed so far (evaluations and
+        checkpoints not counted), so that nobody waits on a run without knowing for how long."""
+        self.eta_told = True
+        left = (time.time() - self.started) / (step - self.start) * (self.cfg.max_steps - step)
+        msg = (f"{step - self.start} steps took {time.time() - self.started:.1f} s: the remaining "
+               f"{self.cfg.max_steps - step:,} take about {left / 60:.1f} min at this speed")
+        (self.pbar.write if self.pbar else print)(msg)
 
     def write(self, record, echo=False):
         if not self.main:

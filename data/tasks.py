@@ -403,27 +403,38 @@ class TaskDataset:
 
 _SUBJECTS = ["the movie", "this film", "the story", "the acting", "the soundtrack", "the ending", "the script",
              "the cast", "the direction", "the dialogue", "the plot", "the photography", "the lead performance"]
+_NOUNS = ["film", "movie", "story", "watch", "ride", "comedy", "drama", "thriller"]
 _VERBS = ["was", "is", "felt", "seemed", "turned out to be"]
 _ADVERBS = ["", "really ", "truly ", "quite ", "very ", "utterly ", "remarkably ", "consistently "]
 _POSITIVE = ["wonderful", "brilliant", "moving", "delightful", "charming", "superb", "funny", "gripping",
              "beautiful", "excellent", "clever", "touching", "memorable", "thrilling", "heartfelt"]
 _NEGATIVE = ["boring", "dull", "awful", "clumsy", "tedious", "terrible", "bland", "predictable", "painful",
              "weak", "lifeless", "messy", "forgettable", "annoying", "shallow"]
+# how people also say it, without one of the words above (no negations: "not bad" is beyond a tiny model)
+_POSITIVE_PHRASES = ["worth every minute", "a joy to watch", "well worth seeing", "full of life", "a real pleasure",
+                     "i loved every minute", "great fun from start to finish", "it kept me smiling"]
+_NEGATIVE_PHRASES = ["far too long", "a waste of time", "hard to sit through", "a chore to watch", "too slow by half",
+                     "i nearly fell asleep", "it drags on and on", "i wanted my money back"]
 _TEMPLATES = ["{s} {v} {a}{w} .", "i thought {s} {v} {a}{w} .", "{s} {v} {a}{w} and {a2}{w2} .",
-              "honestly , {s} {v} {a}{w} .", "overall {s} {v} {w} , {a2}{w2} even .", "what a {w} experience ."]
+              "honestly , {s} {v} {a}{w} .", "overall {s} {v} {w} , {a2}{w2} even .", "what a {w} experience .",
+              # shorter and looser, as people write reviews: fragments, phrases, no full stop
+              "a {a}{w} {n} .", "{w} , {a2}{w2} {n}", "{a}{w} , {p} .", "{p} , and {a}{w} .", "{s} : {p}",
+              "{w} {n} , {p} !"]
 
 
 def sample_binary(n: int, seed: int = 0) -> list[tuple[str, int]]:
     """n distinct (sentence, label) pairs from templates: 1 = positive, 0 = negative, half each.
-    The label follows from the sentiment words alone, so even a small model fresh from random
-    initialisation learns it in a few epochs."""
+    The label follows from the sentiment words and phrases alone, so even a small model fresh from random
+    initialisation learns it in a few epochs; the short, loose templates let it carry over to the way
+    people type a review ("a gripping, funny film"), which the full sentences alone did not."""
     rng, out, seen = random.Random(seed), [], set()
     while len(out) < n:
         label = len(out) % 2
-        words = _POSITIVE if label else _NEGATIVE
+        words, phrases = (_POSITIVE, _POSITIVE_PHRASES) if label else (_NEGATIVE, _NEGATIVE_PHRASES)
         w, w2 = rng.sample(words, 2)
         text = rng.choice(_TEMPLATES).format(s=rng.choice(_SUBJECTS), v=rng.choice(_VERBS), a=rng.choice(_ADVERBS),
-                                             a2=rng.choice(_ADVERBS), w=w, w2=w2)
+                                             a2=rng.choice(_ADVERBS), w=w, w2=w2, n=rng.choice(_NOUNS),
+                                             p=rng.choice(phrases))
         if text not in seen:
             seen.add(text)
             out.append((text, label))

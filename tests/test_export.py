@@ -306,6 +306,20 @@ def test_onnx_in_onnxruntime_gives_pytorchs_probabilities_and_joins_the_report(t
     assert "onnxruntime int8" in printed
 
 
+def test_int8_and_onnx_in_one_run_give_all_four_rows_with_the_float_graph_for_onnxruntime(toy, tmp_path):
+    # the export table compares PyTorch's int8 with onnxruntime's in the same run: --quantize int8 --onnx
+    # writes the int8 folder and the ONNX graphs of the float model (onnxruntime quantizes it itself)
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "both"
+    export.main([toy["dir"], "--out", str(out), "--quantize", "int8", "--onnx", "--report", toy["dev"], "--repeats", "1"])
+    rows = {r["variant"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert list(rows) == ["float", "int8", "onnxruntime float", "onnxruntime int8"]
+    assert rows["onnxruntime float"]["agree_with_float"] == 1.0          # the float graph, not the int8 model
+    np.testing.assert_allclose(predict.Predictor([str(out)], runtime="onnx")(toy["texts"][:20]),
+                               predict.Predictor([toy["dir"]])(toy["texts"][:20]), atol=1e-4)
+    assert (out / "model.int8.safetensors").is_file()                  # and OUT itself is PyTorch's int8
+
+
 def test_predict_runs_the_onnx_graph_from_the_command_line(toy, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "onnx"

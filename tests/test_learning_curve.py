@@ -2,6 +2,7 @@
 model (random, pre-trained, + task-adaptive pre-training, another folder, bag-of-words), a table that is
 the median of the seeds, a PNG and JSON, and finished runs reused."""
 import json
+import pathlib
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny
     out = tmp_path / "curve"
     args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init),
             "--also", f"again={tiny_init}", "--sizes", "all", "--seeds", "2", "--min-steps", "4",
-            "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "32", "--out", str(out)]
+            "--max-steps", "4", "--tapt-steps", "3", "--tapt-seq-len", "16", "--out", str(out)]
     table = lc.main(args)
     assert set(table) == {"random", "pretrained", "pretrained + TAPT", "again", "bow"}
     saved = json.loads((out / "curve.json").read_text())
@@ -66,3 +67,25 @@ def test_bad_arguments_are_one_line_each(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             lc.parse_args(["--train", str(train), "--dev", str(dev), *argv])
         assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, out, result):             # stands in for prepare.py / pretrain.py
+        calls.append(pathlib.Path(cmd[1]).name)
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text("{}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint.pt").write_text("")
+        return {}
+    monkeypatch.setattr(lc, "run_logged", fake_run)
+    a = lc.parse_args(["--train", "t.tsv", "--dev", "d.tsv", "--arms", "bow", "--tapt-steps", "5"])
+    texts = [f"sentence {i}" for i in range(60)]
+    lc.task_adaptive_pretraining("init", texts, tmp_path, a)
+    assert calls == ["prepare.py", "pretrain.py"]
+    lc.task_adaptive_pretraining("init", texts, tmp_path, a)            # same settings: reused
+    assert calls == ["prepare.py", "pretrain.py"]
+    a.tapt_lr *= 2                                                      # another learning rate: redone
+    lc.task_adaptive_pretraining("init", texts, tmp_path, a)
+    assert calls == ["prepare.py", "pretrain.py"] * 2

@@ -120,6 +120,27 @@ def test_predictions_are_predict_proba_of_the_model(server, toy):
     assert_matches(body["predictions"], expected_rows(toy, texts))
 
 
+def test_an_onnx_server_answers_pytorchs_probabilities_and_refuses_explain(toy, tmp_path):
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "onnx"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), str(toy["dir"]), "--out", str(folder),
+                           "--onnx"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and (folder / "model.onnx").is_file(), done.stderr[-2000:]
+    s = Server(tmp_path, folder, "--runtime", "onnx", "--insecure", "--threads", 1)
+    try:
+        assert s.started["runtime"] == "onnx"
+        texts = toy["texts"][:10]
+        status, body = s.request("/predict", {"texts": texts}, token=None)
+        assert status == 200
+        rows, probs = body["predictions"], expected_rows(toy, texts)
+        assert [r["label"] for r in rows] == [str(k) for k in probs.argmax(1)]
+        np.testing.assert_allclose([[r["probs"]["0"], r["probs"]["1"]] for r in rows], probs, atol=1e-4)
+        status, body = s.request("/explain", {"text": texts[0]}, token=None)
+        assert status == 422 and "--runtime torch" in body["error"]
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("token", [None, "wrong-token-0123456789abcdef", ""])
 def test_a_missing_or_wrong_token_is_401(server, token):
     status, body = server.request("/predict", {"texts": ["a film"]}, token=token)

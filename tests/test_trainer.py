@@ -59,10 +59,71 @@ def test_the_model_names_its_shard_units():
 
 def test_the_shared_flags_are_generated_from_train_config():
     import argparse
+    import dataclasses
     p = trainer.add_training_args(argparse.ArgumentParser(), lr=1e-3)
     assert trainer.TrainConfig.from_args(p.parse_args([])) == trainer.TrainConfig(lr=1e-3)
     args = p.parse_args(["--max-steps", "7", "--amp", "bf16", "--fsdp", "--resume", "--stop-at-step", "3"])
     assert trainer.TrainConfig.from_args(args, out="o") == trainer.TrainConfig(
         out="o", lr=1e-3, max_steps=7, amp="bf16", fsdp=True, resume="auto", stop_at_step=3)
     flags = {a.dest for a in p._actions} - {"help"}
-    assert flags == {f.name for f in trainer.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
+    assert flags == {f.name for f in dataclasses.fields(trainer.TrainConfig)} - {"seq_len"}   # seq_len: no flag
+
+
+FSDP_EARLY_STOPPING = '''
+import json, sys, torch
+from model import EncoderConfig, LanguageModel
+from trainer import Dist, TrainConfig, train
+
+out = sys.argv[1]
+dist_env = Dist(device="cpu")
+torch.manual_seed(0)
+model = LanguageModel(EncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, max_position=16))
+
+class Data:      # next-token-free toy objective: predict every token itself (an identity the model can learn)
+    def micro_batch(self, step, index):
+        ids = torch.randint(5, 64, (4, 8), generator=torch.Generator().manual_seed(1000 * step + index))
+        return {"ids": ids, "num_targets": ids.numel(), "num_tokens": ids.numel()}
+
+def loss_fn(m, b):
+    return m(b["ids"], targets=b["ids"].flatten())[1]
+
+held_out = Data().micro_batch(10**6, 0)
+
+def eval_fn(m):  # every rank the same batch, so every rank sees the same metric
+    return {"loss": loss_fn(m, held_out).item() / held_out["num_targets"]}
+
+cfg = TrainConfig(out=out, max_steps=6, lr=3e-3, warmup=0, eval_every=2, save_every=0, fsdp=True, batch_size=4,
+                  log_every=1, no_progress=True)
+result = train(model, loss_fn, Data(), cfg, dist_env, eval_fn=eval_fn, monitor=("loss", "min", 5))
+model.eval()
+final = eval_fn(model)   # the restored weights, every rank joining the sharded forward
+if dist_env.is_main:
+    json.dump({"best": result["best"], "final": final}, open(out + "/result.json", "w"))
+dist_env.close()
+'''
+
+
+def test_fsdp_early_stopping_saves_and_restores_the_best_weights_on_every_rank(tmp_path):
+    """best_model.pt gathers sharded weights, a collective: every rank joins it (rank 0 alone waited forever),
+    and putting the best weights back shards them again on every rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    script = tmp_path / "fsdp_early_stopping.py"
+    script.write_text(FSDP_EARLY_STOPPING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(script), str(tmp_path)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+    result = json.loads((tmp_path / "result.json").read_text())
+    evals = [r["eval/loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "eval/loss" in r]
+    assert len(evals) == 3 and result["best"] == min(evals)
+    assert abs(result["final"]["loss"] - result["best"]) < 1e-5          # the best weights are back
+    assert (tmp_path / "best_model.pt").is_file()

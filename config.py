@@ -1,0 +1,89 @@
+"""The settings that need no torch: the model size presets, the training loop's TrainConfig and the flags
+made from it, and the one-line user error. Every script's command line is built from these alone, so
+`--help` and a bad flag are answered before torch is imported (which takes seconds).
+
+model.py and trainer.py import from here (`trainer.TrainConfig`, `model.PRESETS` still work).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, fields
+
+# BERT miniatures (Turc et al. 2019) and BERT-base: name -> (layers, hidden size, attention heads)
+PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
+           "base": (12, 768, 12)}
+
+# -----------------------------------------------------------------------------------------------------
+# the loop's configuration, and the flags shared by pretrain.py and finetune.py made from it
+
+
+def flag(default, help, **argparse_kw):
+    """A TrainConfig field that is also a command-line flag (--name-with-dashes)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything train() reads. Build it directly, or from parsed flags with TrainConfig.from_args."""
+    out: str | None = flag(None, "output folder: checkpoint, exported model, metrics.jsonl")
+    max_steps: int = flag(1000, "optimizer steps", type=int)
+    batch_size: int = flag(32, "examples per micro-batch on each rank", type=int)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", type=int)
+    lr: float = flag(5e-4, "peak learning rate", type=float)
+    weight_decay: float = flag(0.01, "AdamW decoupled weight decay (not on biases/norms)", type=float)
+    beta2: float = flag(0.98, "AdamW beta2 (beta1 = 0.9)", type=float)
+    optimizer: str = flag("adamw", "adafactor (optim.py): factored second moments, no first moment; --lr is then "
+                          "the cap on its relative step (the paper's 1e-2)", choices=["adamw", "adafactor"])
+    warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
+    schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
+    amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])
+    compile: bool = flag(False, "torch.compile the model", action="store_true")
+    fsdp: bool = flag(False, "shard parameters with FSDP2 fully_shard (under torchrun)", action="store_true")
+    tp: int = flag(1, "tensor-parallel ranks per model replica (parallel.py); the world size must be a "
+                   "multiple, the rest is data parallelism", type=int)
+    eval_every: int = flag(200, "evaluate every N steps (0: only at the end)", type=int)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", type=int)
+    log_every: int = flag(10, "write a metrics.jsonl line every N steps", type=int)
+    seed: int = flag(1337, "seeds dropout (each rank its own) and the data order", type=int)
+    resume: str | None = flag(None, "continue the run in --out (or from CHECKPOINT)", nargs="?", const="auto",
+                              metavar="CHECKPOINT")
+    stop_at_step: int | None = flag(None, "save a checkpoint and exit (code 75) at this step", type=int)
+    allow_changed: str | None = flag(None, "--resume even though these settings differ from the saved run's, "
+                                     "comma-separated (e.g. max_steps to train a finished run longer)")
+    dist_timeout: float = flag(600, "seconds a collective may wait for the other ranks before failing "
+                               "(a dead or frozen rank)", type=float)
+    tensorboard: bool = flag(False, "also write TensorBoard event files to --out", action="store_true")
+    wandb: str | None = flag(None, "also log to this Weights & Biases project (WANDB_MODE=offline: no network)",
+                             metavar="PROJECT")
+    device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    no_progress: bool = flag(False, "no tqdm bar", action="store_true")
+    seq_len: int | None = None        # not a flag: tokens per sequence for the MFU estimate (pretrain's --seq-len)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainConfig":
+        """The fields found in parsed flags (pretrain's, finetune's), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(given | overrides))
+
+
+def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """TrainConfig's flags, in one argument group; `defaults` overrides the caller's own defaults."""
+    g = p.add_argument_group("training loop")
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
+    p.set_defaults(**defaults)
+    return p
+
+
+def fail(msg: str):
+    """A user error: one line naming the flag/file and what was expected, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# A pre-empted run (SIGTERM / SIGUSR1 / --stop-at-step) exits with this code: BSD's EX_TEMPFAIL, "try
+# again later". Not 0, so that a pipeline never deploys or reports an unfinished model; `--resume` finishes it.
+EX_TEMPFAIL = 75
