@@ -16,7 +16,9 @@ Tasks: the head, the loss, the metric that picks the best checkpoint
     regression  one output, mean squared error           Spearman (STS-B)
     simcse      the encoder alone: InfoNCE between two dropout views of each sentence (Gao et al. 2021),
                 judged by the Spearman correlation of cosine similarities with STS-B scores, before and after
-Any task reads a second text column when the file has one (MRPC, RTE, QNLI, STS-B pairs).
+    token       K logits per word (its first sub-word)     entity-level F1 (conlleval), from CoNLL files
+    qa          start and end logits over the context      SQuAD F1 and exact match, from SQuAD JSON
+Any sentence task reads a second text column when the file has one (MRPC, RTE, QNLI, STS-B pairs).
 
 --init is a pretrain.py output (default out/pretrain) or any BERT-layout folder (config.json, weights,
 vocab.txt), e.g. all-MiniLM-L6-v2. With no --train and nothing prepared (data/glue/sst2 from

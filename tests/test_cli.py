@@ -112,3 +112,11 @@ def test_a_bad_flag_is_answered_before_torch_too():
     proc = subprocess.run([sys.executable, "-c", code, "pretrain.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: --max-step" in proc.stderr
+
+
+def test_finetune_help_describes_every_task_kind_of_the_table():
+    import finetune
+    from finetuned import TASKS
+    tasks_section = finetune.__doc__.split("Tasks:", 1)[1].split("\n\n", 1)[0]
+    listed = {line.split()[0] for line in tasks_section.splitlines()[1:] if line.startswith("    ") and line.split()}
+    assert set(TASKS) <= listed, f"not described in finetune.py's Tasks: {sorted(set(TASKS) - listed)}"
