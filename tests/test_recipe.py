@@ -4,6 +4,7 @@ saves it in metrics.json. The comparison with a plain transformers loop lives in
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,3 +203,20 @@ def test_seeds_runs_each_seed_and_reports_median_and_spread(tiny_init, tmp_path,
     assert summary["runs"] == {"5": runs[0], "6": runs[1], "7": runs[2]}
     assert summary["median"] == sorted(runs)[1] and (summary["min"], summary["max"]) == (min(runs), max(runs))
     assert "3 seeds, dev accuracy: median" in capsys.readouterr().out
+
+
+def test_batches_are_random_by_default_and_length_sorted_on_request():
+    r, why = recipe()
+    assert r["length_bucket"] == 1 and "random batches" in why["length_bucket"]
+    assert recipe("--length-bucket", "50")[0]["length_bucket"] == 50
+
+
+def test_length_bucket_sorts_within_chunks_and_one_means_random_batches():
+    from data.tasks import TaskDataset
+    lengths = np.random.default_rng(0).integers(3, 60, 256)
+    ids = [[5] * int(n) for n in lengths]
+    sorted_ = TaskDataset(ids, [[0] * len(x) for x in ids], None, 16, 1, 0, 0, bucket=100).epoch_batches(0)
+    random_ = TaskDataset(ids, [[0] * len(x) for x in ids], None, 16, 1, 0, 0, bucket=1).epoch_batches(0)
+    spread = lambda batches: np.mean([np.ptp(lengths[b]) for b in batches])    # length range inside a batch
+    assert spread(sorted_) < 5 < 30 < spread(random_)
+    assert sorted(np.concatenate(random_)) == list(range(256))                   # each example once an epoch
