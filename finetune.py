@@ -362,8 +362,8 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tup
         choose("dropout", dropout, "the checkpoint's")
     choose("head", "normal(0, 0.02), bias 0", "as transformers' BertForSequenceClassification")
     # Batches: examples drawn at random, as transformers' loop draws them. Sorting by length first (padding
-    # saved, ~2x faster here) made batches of one length, and in STS-B length goes with genre and score:
-    # 2k pairs, 3 seeds, 81.53-82.13 random against 78.80-82.07 sorted (README, issue #16).
+    # saved, ~2x faster here) makes batches of one length, and in STS-B length goes with genre and score:
+    # 2k pairs, 3 seeds, median 81.53 random against 80.73 sorted (README, issue #16).
     if a.length_bucket is not None:
         choose("length_bucket", a.length_bucket, "--length-bucket")
     else:
