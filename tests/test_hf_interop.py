@@ -29,7 +29,7 @@ def test_a_minilm_sst2_fine_tune_gives_the_same_labels_and_probabilities_in_the_
     sst2 = require_data("sst2")
     out = tmp_path / "ft"
     finetune.run(["--task", "binary", "--init", str(minilm_dir()), "--train", str(sst2 / "train.tsv"),
-                  "--max-train-examples", "256", "--max-steps", "16", "--batch-size", "16", "--lr", "1e-4",
+                  "--max-train-examples", "256", "--max-steps", "40", "--batch-size", "16", "--lr", "1e-4",
                   "--out", str(out), "--device", "cpu", "--no-progress", "--save-every", "0", "--seed", "0"])
     dev = [line.split("\t") for line in (sst2 / "dev.tsv").read_text().splitlines()[1:65]]
     texts = [t.strip() for t, _ in dev]
@@ -43,7 +43,7 @@ def test_a_minilm_sst2_fine_tune_gives_the_same_labels_and_probabilities_in_the_
     assert config["problem_type"] == "single_label_classification" and config["num_labels"] == 2
     np.testing.assert_allclose(hf_probs, probs, atol=1e-5)
     assert labels == [row["label"] for row in ours.describe(probs)]
-    assert len(set(labels)) == 2                                 # it learned something: both classes occur
+    assert min(labels.count("0"), labels.count("1")) >= 8    # it learned something: both classes occur, often
     # and the folder still loads in our own code as one logit
     model, _, info = load_finetuned(out)
     assert model.classifier.out_features == 1 and info["num_outputs"] == 1
