@@ -23,22 +23,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def sentence_features(folder: str, texts: list[str], random_weights: bool, max_tokens: int = 62) -> dict:
     """{"embeddings" | "mean" | "cls": (N, C) array} from the folder's encoder, frozen."""
     import torch
+    from data.tasks import pad_batch
+    from finetuned import encode
     from model import from_hf_bert, init_weights
     from tokenizer import load_tokenizer
     tokenizer, encoder = load_tokenizer(folder), from_hf_bert(folder, head=None).eval()
     if random_weights:                       # the same architecture and tokenizer, weights as pretrain.py starts
         torch.manual_seed(0)
         encoder.apply(init_weights)
+    ids, types = encode(tokenizer, texts, None, max_length=max_tokens + 2)       # [CLS] text [SEP]
     feats = {"embeddings": [], "mean": [], "cls": []}
     for start in range(0, len(texts), 64):
-        ids = [[tokenizer.cls_id] + tokenizer.encode(t)[:max_tokens] + [tokenizer.sep_id] for t in texts[start:start + 64]]
-        x = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id)           # (B, T)
-        for row, seq in enumerate(ids):
-            x[row, :len(seq)] = torch.tensor(seq)
-        real = (x != tokenizer.pad_id).unsqueeze(-1).float()                        # (B, T, 1)
+        batch = pad_batch(ids[start:start + 64], types[start:start + 64], tokenizer.pad_id)
+        real = batch["attention_mask"].unsqueeze(-1).float()                        # (B, T, 1)
         with torch.no_grad():
-            hidden = encoder(x, attention_mask=real.squeeze(-1).long())             # (B, T, C)
-            words = encoder.embed.tok(x)                                            # (B, T, C)
+            hidden = encoder(batch["input_ids"], attention_mask=batch["attention_mask"])   # (B, T, C)
+            words = encoder.embed.tok(batch["input_ids"])                            # (B, T, C)
         feats["embeddings"].append(((words * real).sum(1) / real.sum(1)).numpy())
         feats["mean"].append(((hidden * real).sum(1) / real.sum(1)).numpy())
         feats["cls"].append(hidden[:, 0].numpy())
