@@ -107,16 +107,13 @@ def test_fsdp_early_stopping_saves_and_restores_the_best_weights_on_every_rank(t
     """best_model.pt gathers sharded weights, a collective: every rank joins it (rank 0 alone waited forever),
     and putting the best weights back shards them again on every rank."""
     import os
-    import socket
     import subprocess
     import sys
+    from test_pretrain import free_port
     script = tmp_path / "fsdp_early_stopping.py"
     script.write_text(FSDP_EARLY_STOPPING)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                            str(script), str(tmp_path)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root),
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
