@@ -16,6 +16,22 @@ import re
 import sys
 from collections import Counter
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--train", required=True, nargs="+")
+    p.add_argument("--dev", required=True, nargs="+")
+    p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
+    p.add_argument("--min-count", type=int, default=2, help="keep features seen at least this often in training")
+    p.add_argument("--l2", type=float, default=1.0, help="L2 strength (times the mean loss's 1/N)")
+    p.add_argument("--out", help="write metrics.json here")
+    return p
+
+
+if __name__ == "__main__":       # --help and a bad flag are answered before the imports below load torch
+    build_parser().parse_args()
+
+# the heavy imports come after the command line, on purpose (E402)
 import numpy as np
 import torch
 
@@ -76,14 +92,7 @@ def predict_proba(x, w, b) -> np.ndarray:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--train", required=True, nargs="+")
-    p.add_argument("--dev", required=True, nargs="+")
-    p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
-    p.add_argument("--min-count", type=int, default=2, help="keep features seen at least this often in training")
-    p.add_argument("--l2", type=float, default=1.0, help="L2 strength (times the mean loss's 1/N)")
-    p.add_argument("--out", help="write metrics.json here")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         train, dev = read_examples(args.train), read_examples(args.dev)
         classes = label_classes(args.task, train)

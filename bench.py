@@ -37,6 +37,35 @@ import subprocess
 import sys
 import time
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--config", choices=["mini", "base", "all"], default="all")
+    p.add_argument("--task", choices=["mlm", "cls", "all"], default="all")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[0], help="MLM sequence length(s) / classification "
+                   "truncation (0: the config's, 128)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[0], help="0: the config's (mini 32, base 8); "
+                   "one per --seq-len to pair them (e.g. --seq-len 128 512 --batch-size 256 64)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout of both models "
+                   "(BERT: 0.1; Cramming pre-trains with 0)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory subprocesses")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also list the N busiest operators of a step")
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
+                   help="our model's optimizer (Hugging Face's stays AdamW); adafactor: optim.py")
+    p.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":       # --help and a bad flag are answered before the imports below load torch
+    build_parser().parse_args()
+
+# the heavy imports come after the command line, on purpose (E402)
 import torch
 
 import model as M
@@ -293,27 +322,7 @@ def compare(config, task, seq_len, batch_size, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--config", choices=["mini", "base", "all"], default="all")
-    p.add_argument("--task", choices=["mlm", "cls", "all"], default="all")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (auto: cuda when available)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[0], help="MLM sequence length(s) / classification "
-                   "truncation (0: the config's, 128)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[0], help="0: the config's (mini 32, base 8); "
-                   "one per --seq-len to pair them (e.g. --seq-len 128 512 --batch-size 256 64)")
-    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout of both models "
-                   "(BERT: 0.1; Cramming pre-trains with 0)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory subprocesses")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="also list the N busiest operators of a step")
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
-                   help="our model's optimizer (Hugging Face's stays AdamW); adafactor: optim.py")
-    p.add_argument("--memory-of", choices=["ours", "hf"], help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -1,5 +1,6 @@
 """The settings that need no torch: the model size presets, the training loop's TrainConfig and the flags
-made from it, and the one-line user error. Every script's command line is built from these alone, so
+made from it, the names finetune.py's flags offer (task kinds, PEFT methods and their options, multi-task
+sampling), and the one-line user error. Every script's command line is built from these alone, so
 `--help` and a bad flag are answered before torch is imported (which takes seconds).
 
 model.py and trainer.py import from here (`trainer.TrainConfig`, `model.PRESETS` still work).
@@ -76,6 +77,38 @@ def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argume
             g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
     p.set_defaults(**defaults)
     return p
+
+
+# -----------------------------------------------------------------------------------------------------
+# what finetune.py's flags offer. The tables behind them hold torch code (finetuned.TASKS, peft.METHODS),
+# so the names and options live here and those tables are built on them (tests/test_cli.py checks the keys)
+
+TASK_KINDS = ("binary", "multiclass", "pair", "regression", "simcse", "token", "qa")     # finetuned.TASKS
+SAMPLING = ("proportional", "temperature")          # multi-task: how a step picks its task (multitask.py)
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated flag value -> its names."""
+    return tuple(t for t in text.split(",") if t)
+
+
+# PEFT method -> its own options: name -> (default, flag type, help); peft.METHODS adds the code and the lr
+PEFT_OPTIONS = {
+    "full": {},
+    "top": {"train_layers": (2, int, "top: how many top layers train")},
+    "bitfit": {},
+    "adapter": {"adapter_size": (64, int, "adapter: bottleneck width")},
+    "lora": {"lora_r": (8, int, "lora: rank of the update"),
+             "lora_alpha": (16, float, "lora: the update is scaled by alpha / r"),
+             "lora_dropout": (0.0, float, "lora: dropout on the update's input"),
+             "lora_targets": (("qkv", "proj"), names, "lora: comma-separated Linear names")},
+    "prefix": {"prefix_len": (16, int, "prefix: virtual tokens per layer")},
+}
+
+
+def known_options() -> dict[str, tuple]:
+    """Every PEFT method's options: name -> (default, flag type, help)."""
+    return {name: spec for options in PEFT_OPTIONS.values() for name, spec in options.items()}
 
 
 def fail(msg: str):

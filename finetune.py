@@ -46,27 +46,7 @@ import pathlib
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-import adversarial
-import losses
-from augment import AugmentError, build_augmenter
-from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, label_classes, read_examples,
-                        read_sentences, write_sample_binary)
-from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
-                        tag_classes, TokenDataset)
-from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
-                       infer_tokens, load_finetuned, predict_proba, save_finetuned, word_tags, write_json)
-from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
-                     squad_scores)
-from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap
-from multitask import SAMPLING, MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
-from plots import plot_metrics
-from peft import METHODS, PeftError, apply_peft, known_options, trainable_summary
-from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from trainer import EX_TEMPFAIL, Dist, RunError, TrainConfig, add_training_args, file_fingerprint, train
+from config import PEFT_OPTIONS, SAMPLING, TASK_KINDS, add_training_args, known_options
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
@@ -92,21 +72,6 @@ NEVER = 10 ** 9                        # "patience" of plain best-checkpoint sel
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
 
 
-class Capture:
-    """Keeps a submodule's output during one forward (a forward hook), so the contrastive loss gets the
-    pooled vector while the forward itself still runs through the DDP / compile wrapper."""
-
-    def __init__(self, module):
-        self.module, self.out = module, None
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(lambda m, i, o: setattr(self, "out", o))
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 # -----------------------------------------------------------------------------------------------------
 # command line
 
@@ -124,7 +89,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=list(TASKS), help="what the labels are: see Tasks above (default: binary; not with --tasks)")
+    g.add_argument("--task", choices=TASK_KINDS, help="what the labels are: see Tasks above (default: binary; not with --tasks)")
     g.add_argument("--tasks", nargs="+", metavar="NAME:KIND:TRAIN[:DEV]", help="multi-task: one head per task on "
                    "one encoder, e.g. sst2:binary:sst2/train.tsv:sst2/dev.tsv stsb:regression:stsb/train.tsv")
     g.add_argument("--task-sampling", choices=SAMPLING, default="proportional",
@@ -161,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "without improvement and restore the best weights")
     g.add_argument("--ensemble", help="DIR1,DIR2,...: evaluate the mean of these fine-tuned models' probabilities")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=list(METHODS), default="full", help="what trains: every weight, or a PEFT method")
+    g.add_argument("--method", choices=list(PEFT_OPTIONS), default="full", help="what trains: every weight, or a PEFT method")
     for name, (default, kind, help) in known_options().items():        # --lora-r, --adapter-size, ...
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help)
     g.add_argument("--dropout", type=float, help="override the checkpoint's dropout (hidden and attention)")
@@ -198,6 +163,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dev-articles", metavar="START:END", help="qa: only these articles of the --dev file (e.g. 24:)")
     add_training_args(p, out="out/finetune", max_steps=None, lr=None, batch_size=None, beta2=0.999, eval_every=None)
     return p
+
+
+if __name__ == "__main__":       # --help and a bad flag are answered before the imports below load torch
+    build_parser().parse_args()
+
+# the heavy imports come after the command line, on purpose (E402)
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import adversarial
+import losses
+from augment import AugmentError, build_augmenter
+from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, label_classes, read_examples,
+                        read_sentences, write_sample_binary)
+from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
+                        tag_classes, TokenDataset)
+from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
+                       infer_tokens, load_finetuned, predict_proba, save_finetuned, word_tags, write_json)
+from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
+                     squad_scores)
+from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap
+from multitask import MultiTaskData, TaskSampler, parse_tasks, sampling_probabilities
+from plots import plot_metrics
+from peft import METHODS, PeftError, apply_peft, trainable_summary
+from tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
+from trainer import EX_TEMPFAIL, Dist, RunError, TrainConfig, file_fingerprint, train
+
+
+class Capture:
+    """Keeps a submodule's output during one forward (a forward hook), so the contrastive loss gets the
+    pooled vector while the forward itself still runs through the DDP / compile wrapper."""
+
+    def __init__(self, module):
+        self.module, self.out = module, None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda m, i, o: setattr(self, "out", o))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def check_args(a):

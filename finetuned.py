@@ -103,7 +103,7 @@ class TaskKind:
 
 
 CLASSIFICATION = ("accuracy", "mcc", "f1", "precision", "recall", "auc", "macro_f1", "loss")
-TASKS = {
+TASKS = {                          # keyed by config.TASK_KINDS (the --task choices, torch-free)
     "binary": TaskKind("classifier", True, torch.float32, _bce, _sigmoid_pair, CLASSIFICATION),
     "multiclass": TaskKind("classifier", False, torch.long, _ce, _softmax, CLASSIFICATION),
     "pair": TaskKind("classifier", False, torch.long, _ce, _softmax, CLASSIFICATION),

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from config import SAMPLING
 from finetuned import TASKS, FinetuneError
 
-SAMPLING = ("proportional", "temperature")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 

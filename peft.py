@@ -5,9 +5,10 @@ Read beside docs/finetuning.md. One entry point changes a model in place:
     apply_peft(model, method, **options)   full | top | bitfit | adapter | lora | prefix
 
 `METHODS` is the one table of methods: name -> the function that applies it (its checks first), its usual
-peak learning rate, and its options with their defaults (finetune.py makes its flags from them). A new
-method is one function and one row; a module it adds subclasses `PeftModule`, so saving, counting and
-`without_peft` know it.
+peak learning rate, and its options with their defaults (config.PEFT_OPTIONS, torch-free: finetune.py
+makes its flags from them before it imports torch). A new method is one function, one row and its options
+in config.PEFT_OPTIONS; a module it adds subclasses `PeftModule`, so saving, counting and `without_peft`
+know it.
 
 Every method touches the model only through small hooks, so model.py knows nothing about it: it freezes
 and unfreezes parameters, wraps the Linear layers it adapts (LoRALinear, AdaptedLinear: they keep the
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
+from config import PEFT_OPTIONS, known_options
 from model import unwrap
 
 class PeftError(ValueError):
@@ -231,36 +233,23 @@ def _lora_layers(encoder: nn.Module, r, alpha, dropout, targets: tuple[str, ...]
     return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def names(text: str) -> tuple[str, ...]:
-    """A comma-separated flag value -> its names."""
-    return tuple(t for t in text.split(",") if t)
-
-
 @dataclass(frozen=True)
 class Method:
     apply: Callable                 # (encoder, **its options) -> the base parameters that train
     lr: float                       # peak learning rate: the usual range from the method's paper
-    options: dict = field(default_factory=dict)   # option -> (default, flag type, help)
+    options: dict = field(default_factory=dict)   # option -> (default, flag type, help): config.PEFT_OPTIONS
 
 
 # Fewer trainable parameters, most of them new, take larger steps; a full fine-tune of a pre-trained model
 # must not wash it out.
 METHODS = {
     "full": Method(full, 5e-5),
-    "top": Method(top, 1e-4, {"train_layers": (2, int, "top: how many top layers train")}),
+    "top": Method(top, 1e-4, PEFT_OPTIONS["top"]),
     "bitfit": Method(bitfit, 1e-3),
-    "adapter": Method(adapter, 1e-3, {"adapter_size": (64, int, "adapter: bottleneck width")}),
-    "lora": Method(lora, 5e-4, {"lora_r": (8, int, "lora: rank of the update"),
-                                "lora_alpha": (16, float, "lora: the update is scaled by alpha / r"),
-                                "lora_dropout": (0.0, float, "lora: dropout on the update's input"),
-                                "lora_targets": (("qkv", "proj"), names, "lora: comma-separated Linear names")}),
-    "prefix": Method(prefix, 5e-3, {"prefix_len": (16, int, "prefix: virtual tokens per layer")}),
+    "adapter": Method(adapter, 1e-3, PEFT_OPTIONS["adapter"]),
+    "lora": Method(lora, 5e-4, PEFT_OPTIONS["lora"]),
+    "prefix": Method(prefix, 5e-3, PEFT_OPTIONS["prefix"]),
 }
-
-
-def known_options() -> dict[str, tuple]:
-    """Every method's options: name -> (default, flag type, help)."""
-    return {name: spec for method in METHODS.values() for name, spec in method.options.items()}
 
 
 def _encoder(model: nn.Module) -> tuple[str, nn.Module]:

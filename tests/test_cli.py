@@ -12,11 +12,10 @@ import pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("*.py"), *ROOT.glob("data/*.py")])
-# what a newcomer types --help to first; each answers before torch is imported (seconds), which the heavy
-# imports placed after the command line make true (finetune.py is not here yet: its flags are generated
-# from finetuned.TASKS and peft.METHODS, tables that live beside torch code)
-LIGHT_HELP = ["pretrain.py", "generate.py", "export.py", "predict.py", "serve.py", "plots.py", "learning_curve.py",
-              "bench_finetune.py", "data/prepare.py", "data/prepare_glue.py"]
+# every command-line script (a __main__ block) answers --help before torch is imported (seconds): the
+# heavy imports come after the command line, and the names finetune.py's flags offer live in config.py
+LIGHT_HELP = [str(p.relative_to(ROOT)) for p in sorted([*SCRIPTS, *ROOT.glob("scripts/*.py")])
+              if 'if __name__ == "__main__"' in p.read_text()]
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -112,6 +111,17 @@ def test_a_bad_flag_is_answered_before_torch_too():
     proc = subprocess.run([sys.executable, "-c", code, "pretrain.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: --max-step" in proc.stderr
+
+
+def test_the_flag_names_in_config_are_the_keys_of_the_tables_behind_them():
+    import config
+    import multitask
+    import peft
+    from finetuned import TASKS
+    assert tuple(TASKS) == config.TASK_KINDS
+    assert list(peft.METHODS) == list(config.PEFT_OPTIONS)
+    assert all(m.options == config.PEFT_OPTIONS[name] for name, m in peft.METHODS.items())
+    assert multitask.SAMPLING is config.SAMPLING
 
 
 def test_finetune_help_describes_every_task_kind_of_the_table():

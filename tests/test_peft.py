@@ -300,9 +300,12 @@ def gain(encoder, gain_init):
     return []
 
 
-def test_a_toy_method_added_to_the_table_alone_trains_saves_loads_and_gets_its_flags(monkeypatch, tmp_path):
+def test_a_toy_method_added_as_one_row_and_its_options_trains_saves_loads_and_gets_its_flags(monkeypatch, tmp_path):
+    import config
     import finetune
-    monkeypatch.setitem(peft.METHODS, "gain", peft.Method(gain, 1e-2, {"gain_init": (1.0, float, "gain: start")}))
+    options = {"gain_init": (1.0, float, "gain: start")}
+    monkeypatch.setitem(config.PEFT_OPTIONS, "gain", options)          # the flags: torch-free, for --help
+    monkeypatch.setitem(peft.METHODS, "gain", peft.Method(gain, 1e-2, config.PEFT_OPTIONS["gain"]))
     pretrained, out, b = tmp_path / "pretrained", tmp_path / "finetuned", batch()
     save_hf_bert(tiny(), str(pretrained))
     model = from_hf_bert(str(pretrained), head="classifier", num_labels=LABELS).eval()
