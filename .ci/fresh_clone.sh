@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's two set-up commands, exactly, in a fresh virtualenv from a fresh clone of this checkout's
-# HEAD, then the Quickstart with its README examples checked. Slow (it downloads torch and pre-trains):
-# run it by hand before a release, not in CI.    usage: bash .ci/fresh_clone.sh [WORKDIR]
+# HEAD, then the Quickstart with its README examples checked. .ci/run runs it after the suite, with the
+# test command narrowed (the suite itself ran there already).    usage: bash .ci/fresh_clone.sh [WORKDIR]
 # The test command runs as README writes it; PYTEST_ADDOPTS (read by pytest itself) can narrow it on a slow
 # machine, e.g. PYTEST_ADDOPTS="-k 'test_cli or test_docs'" bash .ci/fresh_clone.sh
 set -euo pipefail
