@@ -21,7 +21,8 @@ Tasks: the head, the loss, the metric that picks the best checkpoint
 Any sentence task reads a second text column when the file has one (MRPC, RTE, QNLI, STS-B pairs).
 
 --init is a pretrain.py output (default out/pretrain) or any BERT-layout folder (config.json, weights,
-vocab.txt), e.g. all-MiniLM-L6-v2. With no --train and nothing prepared (data/glue/sst2 from
+vocab.txt), e.g. all-MiniLM-L6-v2, or a fine-tuned one: a head with this task's outputs is kept (a binary
+folder's two logits [0, z] folded back into z), so fine-tuning goes on from it; any other starts afresh. With no --train and nothing prepared (data/glue/sst2 from
 data/prepare_glue.py), --task binary writes a template sample to data/sample_binary; with no out/pretrain
 either, it trains a small model from random initialisation with a SentencePiece tokenizer trained on that
 sample, which learns the sample in about a minute on a CPU: the whole pipeline runs on a fresh clone.
@@ -181,7 +182,8 @@ from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, l
 from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
                         tag_classes, TokenDataset)
 from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
-                       infer_tokens, load_finetuned, predict_proba, save_finetuned, word_tags, write_json)
+                       infer_tokens, load_finetuned, predict_proba, save_finetuned, stored_head_rows, word_tags,
+                       write_json)
 from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
                      squad_scores)
 from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap
@@ -315,9 +317,10 @@ def recipe_lr(a, task, model) -> tuple[float, str]:
     return lr, f"full fine-tune, {'pre-trained' if pretrained else 'random weights'}, hidden size {width}"
 
 
-def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tuple[dict, dict]:
+def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1, head_from_init=False) -> tuple[dict, dict]:
     """(recipe, why): what this run trains with and the reason for each choice. A flag given wins; the rest
-    follows from the training set's size, the model (its width; pre-trained or random weights) and the method."""
+    follows from the training set's size, the model (its width; pre-trained or random weights; a head of
+    its own: head_from_init) and the method."""
     r, why = {}, {}
 
     def choose(name, value, reason):
@@ -367,7 +370,11 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1) -> tup
         choose("dropout", FINETUNE_DROPOUT, "the checkpoint was trained without dropout; fine-tuning regularises")
     else:
         choose("dropout", dropout, "the checkpoint's")
-    choose("head", "normal(0, 0.02), bias 0", "as transformers' BertForSequenceClassification")
+    if head_from_init:
+        choose("head", "from --init", "its classifier has this task's outputs (a two-logit binary head folded "
+               "into one logit, z = l1 - l0): fine-tuning goes on from it")
+    else:
+        choose("head", "normal(0, 0.02), bias 0", "as transformers' BertForSequenceClassification")
     # Batches: examples drawn at random, as transformers' loop draws them. Sorting by length first (padding
     # saved, ~2x faster here) makes batches of one length, and in STS-B length goes with genre and score:
     # 2k pairs, 3 seeds, median 81.53 random against 80.73 sorted (README, issue #16).
@@ -606,7 +613,9 @@ def run(argv=None) -> dict:
     dist_env = Dist(a.device, a.dist_timeout)
     batch_size = a.batch_size or (64 if task == "simcse" else 32)
     slots = dist_env.world_size * a.grad_accum
-    recipe, why = resolve_recipe(a, task, n_train, model, dev is not None, batch_size, slots)
+    rows = None if scratch or TASKS[task].head not in ("classifier", "token") else stored_head_rows(init)
+    head_from_init = rows is not None and rows in ((num_outputs, 2) if task == "binary" else (num_outputs,))
+    recipe, why = resolve_recipe(a, task, n_train, model, dev is not None, batch_size, slots, head_from_init)
     if recipe["dropout"] != model.config.dropout:
         set_dropout(model, recipe["dropout"])
     if a.early_stopping and recipe["select"] == "last":

@@ -28,7 +28,7 @@ import torch.nn as nn
 import losses
 from atomic import atomic_write
 from data.tasks import eval_order, pad_batch
-from model import CheckpointError, SentenceEncoder, from_hf_bert, save_hf_bert
+from model import CheckpointError, SentenceEncoder, from_hf_bert, read_hf_weights, save_hf_bert
 from peft import load_peft, save_peft, without_peft
 from tokenizer import load_tokenizer
 
@@ -127,10 +127,31 @@ def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict:
         raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     if TASKS[task].head is None:
         return SentenceEncoder(from_hf_bert(str(path), head=None, strict=strict, **config_overrides), pooling)
-    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=num_outputs, strict=strict, **config_overrides)
+    # a binary head stored as two logits (ours as save_finetuned writes it, or a transformers classifier):
+    # read as two, then folded into our one logit z = l1 - l0, the same probabilities
+    two_logits = task == "binary" and num_outputs == 1 and stored_head_rows(path) == 2
+    model = from_hf_bert(str(path), head=TASKS[task].head, num_labels=2 if two_logits else num_outputs, strict=strict,
+                         **config_overrides)
+    if two_logits:
+        _one_logit_head(model)
     if TASKS[task].head == "classifier":
         model.pooling = pooling             # [CLS] (BERT) or the mean of the real tokens: a head setting
     return model
+
+
+def stored_head_rows(path) -> int | None:
+    """Outputs of the classifier a BERT-layout folder holds (None: it holds none), from the weights file's
+    header when it is safetensors (nothing loaded), else from the weights themselves."""
+    st = pathlib.Path(path) / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                return f.get_slice("classifier.weight").get_shape()[0] if "classifier.weight" in f.keys() else None
+        except Exception:           # a damaged file: from_hf_bert reports it, naming the file
+            return None
+    weight = read_hf_weights(str(path)).get("classifier.weight")
+    return None if weight is None else weight.shape[0]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -340,12 +361,8 @@ def load_finetuned(path):
     info = read_info(path)
     task, n = info["task"], info["num_outputs"]
     tokenizer = load_tokenizer(path)
-    stored = n
-    if task == "binary":                             # written as [0, z] for transformers (older folders: z)
-        stored = json.loads((path / "config.json").read_text()).get("num_labels", 1)
-    model = build_model(path, task, stored, info.get("pooling") or "cls", strict=True)
-    if stored == 2 and n == 1:
-        _one_logit_head(model)
+    # a binary head is written as [0, z] for transformers (older folders: z); build_model folds it back
+    model = build_model(path, task, n, info.get("pooling") or "cls", strict=True)
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
         for name, p in model.named_parameters():

@@ -169,6 +169,21 @@ def test_load_finetuned_reproduces_the_trained_models_predictions_exactly(tiny_i
     assert res["metrics"]["trainable_percent"] < 100 or method == "full"
 
 
+def test_fine_tuning_from_a_fine_tuned_binary_folder_goes_on_from_its_head(tiny_init, binary_data, tmp_path):
+    # the folder stores the one logit z as two, [0, z] (so transformers reads it); --init folds them back
+    # into z, and the second run starts where the first ended rather than from a fresh head
+    train, dev = binary_data
+    first = finetune_run(tiny_init, tmp_path / "a", "--train", str(train), "--dev", str(dev), "--max-steps", "40",
+                         "--lr", "3e-2")
+    second = finetune_run(tmp_path / "a", tmp_path / "b", "--train", str(train), "--dev", str(dev), "--max-steps", "1",
+                          "--lr", "1e-12", "--select", "last")
+    assert second["metrics"]["recipe"]["head"] == "from --init"
+    trained = probs_of(tmp_path / "a" / "predictions.tsv")
+    assert np.abs(trained[:, 1] - 0.5).min() > 0.02     # the trained head is off a fresh head's p of ~0.5
+    np.testing.assert_allclose(probs_of(tmp_path / "b" / "predictions.tsv"), trained, atol=1e-5)
+    assert first["model"].num_labels == second["model"].num_labels == 1
+
+
 def test_mean_pooling_classifier_averages_real_tokens_and_reloads_exactly(tiny_init, binary_data, tmp_path):
     """--pooling mean: the head reads tanh(W mean_t h_t + b) over the real tokens (padding never counts), and
     the saved folder reloads to the same predictions."""
