@@ -945,12 +945,16 @@ def run_multitask(a) -> dict:
                                          tokenizer.pad_id, label_dtype=TASKS[t["kind"]].label_dtype,
                                          bucket=a.length_bucket or 1)    # random batches, as single-task's default
                           for n, t in tasks.items()}, TaskSampler(p, cfg.seed))
+    # each head at its kind's lr scale, as a single-task run's (binary's one logit: 2x, [eq:binary-head-lr])
+    head_lr = {f"heads.{n}.": a.head_lr_scale if a.head_lr_scale is not None else HEAD_LR_SCALE.get(t["kind"], 1.0)
+               for n, t in tasks.items()}
     if dist_env.is_main:
         print(f"{len(tasks)} tasks, {cfg.max_steps:,} steps of {cfg.batch_size * slots}, lr {cfg.lr:g}, method "
               f"{a.method}: {summary['trainable']:,} of {summary['total']:,} parameters train")
         for (n, t), n_t, p_t in zip(tasks.items(), sizes, p):
             print(f"  {n} ({t['kind']}): {n_t:,} examples, p = {p_t:.3f}, ~{p_t * cfg.max_steps:.0f} steps "
-                  f"= {p_t * cfg.max_steps * cfg.batch_size * slots / n_t:.2f} epochs, judged by {t['metric']}")
+                  f"= {p_t * cfg.max_steps * cfg.batch_size * slots / n_t:.2f} epochs, judged by {t['metric']}, "
+                  f"head at {head_lr[f'heads.{n}.']:g}x the lr")
 
     def loss_fn(model, batch):
         """The step's task's head and loss, summed over its examples (the loop divides by their number)."""
@@ -962,9 +966,10 @@ def run_multitask(a) -> dict:
     t_train = time.time()
     fingerprint = {"tasks": [[s.name, s.kind, [data_fingerprint(f) for f in s.train]] for s in specs],
                    "method": a.method, "init": str(init.resolve()), "max_length": max_length,
-                   "task_sampling": a.task_sampling, "sampling_temperature": a.sampling_temperature}
+                   "task_sampling": a.task_sampling, "sampling_temperature": a.sampling_temperature,
+                   "head_lr_scales": head_lr}
     result = train(model, loss_fn, data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
-                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint)
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint, lr_scales=head_lr)
     train_seconds = time.time() - t_train
     if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
         dist_env.close()

@@ -234,3 +234,27 @@ def test_every_task_of_a_multitask_run_learns_past_chance(tiny_init, tmp_path): 
     assert tasks["bin"]["dev"]["accuracy"] >= 0.9, tasks["bin"]["dev"]
     # two gold values (1 and 4), half each: a perfect ranking has Spearman sqrt(3)/2 = 0.866 (ties)
     assert tasks["sts"]["dev"]["spearman"] >= 0.8 and tasks["sts"]["dev"]["pearson"] >= 0.9, tasks["sts"]["dev"]
+
+
+def test_a_binary_head_trains_at_twice_the_lr_in_a_multitask_run_as_it_does_alone(tiny_init, tmp_path, monkeypatch):  # noqa: F811
+    """Binary's one logit steps as transformers' two-logit head at 2x the lr (finetune.HEAD_LR_SCALE); the
+    other kinds' heads and the shared encoder at 1x; --head-lr-scale sets every head."""
+    import trainer
+    seen, real = [], trainer.build_optimizer
+
+    def spy(model, *args, **kw):
+        opt = real(model, *args, **kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen.append({names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]})
+        return opt
+    monkeypatch.setattr(trainer, "build_optimizer", spy)
+    specs = tiny_tasks(tmp_path)
+    for extra in ([], ["--head-lr-scale", "3"]):
+        finetune.run(["--init", str(tiny_init), "--tasks", *specs, *FAST, "--max-steps", "2", *extra,
+                      "--out", str(tmp_path / f"o{len(extra)}")])
+    kinds = {s.split(":")[0]: s.split(":")[1] for s in specs}
+    for scales, head in zip(seen, (lambda kind: 2.0 if kind == "binary" else 1.0, lambda kind: 3.0)):
+        heads = {n: s for n, s in scales.items() if n.startswith("heads.")}
+        assert heads and all(s == head(kinds[n.split(".")[1]]) for n, s in heads.items()), heads
+        assert all(s == 1.0 for n, s in scales.items() if not n.startswith("heads."))
+    assert "binary" in kinds.values() and len(set(kinds.values())) > 1, "the point: a binary and another kind"
