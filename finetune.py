@@ -945,7 +945,7 @@ def run_multitask(a) -> dict:
                                          tokenizer.pad_id, label_dtype=TASKS[t["kind"]].label_dtype,
                                          bucket=a.length_bucket or 1)    # random batches, as single-task's default
                           for n, t in tasks.items()}, TaskSampler(p, cfg.seed))
-    # each head at its kind's lr scale, as a single-task run's (binary's one logit: 2x, [eq:binary-head-lr])
+    # each head at its kind's lr scale, as a single-task run's (binary's one logit: 2x, HEAD_LR_SCALE)
     head_lr = {f"heads.{n}.": a.head_lr_scale if a.head_lr_scale is not None else HEAD_LR_SCALE.get(t["kind"], 1.0)
                for n, t in tasks.items()}
     if dist_env.is_main:
