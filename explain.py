@@ -65,7 +65,8 @@ def integrated_gradients(model, input_ids, token_type_ids, baseline_ids, f, step
     total, ends = torch.zeros_like(x[0]), {}
     for start in range(0, steps + 1, chunk):
         a = alphas[start:start + chunk]
-        path = (x0 + a[:, None, None] * (x - x0)).requires_grad_(True)   # (k, T, C)
+        # lerp hits both ends exactly (x' + 1 (x - x') need not round to x): f(x) is the model's own output
+        path = torch.lerp(x0, x, a[:, None, None]).requires_grad_(True)   # (k, T, C)
         handle = tok.register_forward_hook(lambda module, inputs, out: path)   # the embedding lookup -> the path
         try:
             k, T = path.shape[:2]
