@@ -382,14 +382,17 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1, head_f
         choose("length_bucket", a.length_bucket, "--length-bucket")
     else:
         choose("length_bucket", 1, "random batches, as transformers' (--length-bucket N sorts within N batches: faster)")
-    if a.head_lr_scale is not None:
-        choose("head_lr_scale", a.head_lr_scale, "--head-lr-scale")
-    elif task in HEAD_LR_SCALE:
-        choose("head_lr_scale", HEAD_LR_SCALE[task], "one logit with BCE steps as a two-logit softmax head "
-               "(transformers') does at 1x")
-    else:
-        choose("head_lr_scale", 1.0, "the encoder's lr, as transformers'")
+    choose("head_lr_scale", *head_lr_scale(a, task))
     return r, why
+
+
+def head_lr_scale(a, task) -> tuple[float, str]:
+    """(the head's lr / the encoder's, why) for a task kind: single-task and multi-task heads alike."""
+    if a.head_lr_scale is not None:
+        return a.head_lr_scale, "--head-lr-scale"
+    if task in HEAD_LR_SCALE:
+        return HEAD_LR_SCALE[task], "one logit with BCE steps as a two-logit softmax head (transformers') does at 1x"
+    return 1.0, "the encoder's lr, as transformers'"
 
 
 def set_dropout(model, p: float):
@@ -945,9 +948,7 @@ def run_multitask(a) -> dict:
                                          tokenizer.pad_id, label_dtype=TASKS[t["kind"]].label_dtype,
                                          bucket=a.length_bucket or 1)    # random batches, as single-task's default
                           for n, t in tasks.items()}, TaskSampler(p, cfg.seed))
-    # each head at its kind's lr scale, as a single-task run's (binary's one logit: 2x, HEAD_LR_SCALE)
-    head_lr = {f"heads.{n}.": a.head_lr_scale if a.head_lr_scale is not None else HEAD_LR_SCALE.get(t["kind"], 1.0)
-               for n, t in tasks.items()}
+    head_lr = {f"heads.{n}.": head_lr_scale(a, t["kind"])[0] for n, t in tasks.items()}   # as single-task heads
     if dist_env.is_main:
         print(f"{len(tasks)} tasks, {cfg.max_steps:,} steps of {cfg.batch_size * slots}, lr {cfg.lr:g}, method "
               f"{a.method}: {summary['trainable']:,} of {summary['total']:,} parameters train")
