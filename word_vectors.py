@@ -13,6 +13,9 @@ embeddings of a fresh model of the chosen shape, as a BERT-layout folder that `p
     python data/prepare.py --input ../shared/data/wiki/text ../shared/data/books --out data/wiki --vocab-size 8192
     python word_vectors.py --data data/wiki --model mini --norm pre --out out/word-vectors
     python pretrain.py --init out/word-vectors --data data/wiki ...      # masked LM from these embeddings
+
+Several prepared folders (one tokenizer) add their counts, each times its --weights: the task's own unlabelled
+text, a million tokens, can weigh like ten (task-adaptive word vectors; README, the learning curve).
 """
 import argparse
 import json
@@ -25,7 +28,10 @@ from config import PRESETS, fail
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="a prepared folder (data/prepare.py): train.bin, meta.json, tokenizer")
+    p.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                   help="prepared folders (data/prepare.py: train.bin, meta.json, tokenizer), all with one tokenizer")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="one per --data folder: its counts are multiplied by W (default 1 each)")
     p.add_argument("--out", required=True, help="the BERT-layout folder to write (must not hold a model yet)")
     p.add_argument("--model", choices=list(PRESETS), default="mini", help="the encoder's shape; the vectors get its width")
     p.add_argument("--norm", choices=["post", "pre"], default="pre", help="LayerNorm placement of the encoder")
@@ -92,49 +98,68 @@ def run(a) -> dict:
     from model import EncoderConfig, LanguageModel, save_hf_bert
     from pretrain import read_meta
     from tokenizer import TokenizerError, load_tokenizer
-    meta_path = os.path.join(a.data, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"--data {a.data}: no meta.json (expected a folder written by data/prepare.py)")
-    meta = read_meta(meta_path)
+    weights = a.weights or [1.0] * len(a.data)
+    if len(weights) != len(a.data):
+        raise ValueError(f"--weights: expected one per --data folder ({len(a.data)}), got {len(weights)}")
+    if any(not (w > 0) for w in weights):
+        raise ValueError(f"--weights: expected positive numbers, got {' '.join(map(str, weights))}")
     if os.path.exists(os.path.join(a.out, "config.json")):
         raise ValueError(f"--out {a.out} already holds a model (config.json); give another --out (nothing was overwritten)")
     for flag, v in (("--window", a.window), ("--contexts", a.contexts), ("--min-count", a.min_count)):
         if v < 1:
             raise ValueError(f"{flag}: expected a positive number, got {v}")
-    try:
-        tok = load_tokenizer(os.path.join(a.data, meta.get("tokenizer", "tokenizer.model")))
-    except TokenizerError as e:
-        raise ValueError(f"--data {a.data}: {e}") from None
-    V = meta["vocab_size"]
-    tokens = np.memmap(os.path.join(a.data, "train.bin"), dtype=meta["dtype"], mode="r")
-    if a.max_tokens:
-        tokens = tokens[:int(a.max_tokens)]
-    if len(tokens) < 2 * a.window + 1:
-        raise ValueError(f"--data {a.data}: train.bin holds {len(tokens)} tokens, too few for --window {a.window}")
+    streams, tok, tok_bytes = [], None, None
+    for folder in a.data:
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"--data {folder}: no meta.json (expected a folder written by data/prepare.py)")
+        meta = read_meta(meta_path)
+        tok_path = os.path.join(folder, meta.get("tokenizer", "tokenizer.model"))
+        try:
+            folder_tok = load_tokenizer(tok_path)
+        except TokenizerError as e:
+            raise ValueError(f"--data {folder}: {e}") from None
+        with open(tok_path, "rb") as f:
+            this_bytes = f.read()
+        if tok is None:
+            tok, tok_bytes, V = folder_tok, this_bytes, meta["vocab_size"]
+        elif this_bytes != tok_bytes:       # the same id must mean the same piece in every folder
+            raise ValueError(f"--data {folder}: its tokenizer differs from {a.data[0]}'s "
+                             f"(prepare it with data/prepare.py --tokenizer {a.data[0]})")
+        tokens = np.memmap(os.path.join(folder, "train.bin"), dtype=meta["dtype"], mode="r")
+        if a.max_tokens:
+            tokens = tokens[:int(a.max_tokens)]
+        if len(tokens) < 2 * a.window + 1:
+            raise ValueError(f"--data {folder}: train.bin holds {len(tokens)} tokens, too few for --window {a.window}")
+        streams.append(tokens)
     specials = sorted({tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id})
-    freq = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=V)
+    seen = [np.bincount(np.asarray(t, dtype=np.int64), minlength=V) for t in streams]
+    freq = sum(w * n for w, n in zip(weights, seen))      # weighted: the contexts the counts below favour
     freq[specials] = 0                                   # a document separator is no word's context
     columns = np.argsort(-freq, kind="stable")[:min(a.contexts, int((freq > 0).sum()))]
-    counts = cooccurrence(tokens, V, columns, a.window)
+    # X = sum over folders of w * X_folder (each stream counted on its own: no window spans two folders)
+    counts = sum(w * cooccurrence(t, V, columns, a.window) for w, t in zip(weights, streams))
     counts[specials] = 0
     cfg = EncoderConfig.preset(a.model, vocab_size=V, norm=a.norm, pad_id=tok.pad_id)
     torch.manual_seed(a.seed)
     model = LanguageModel(cfg)
     vectors = factorise(ppmi(counts), cfg.hidden_size, a.seed)
-    known = freq >= a.min_count
+    known = sum(seen) >= a.min_count                                 # seen this often, unweighted
+    known[specials] = False                                          # specials keep their random rows
     with torch.no_grad():
         table = model.encoder.embed.tok.weight                        # (V, C), N(0, 0.02^2) from init_weights
         scale = table.norm(dim=1).mean()                              # the length a random row has: keep it
         table[torch.from_numpy(known)] = torch.from_numpy(vectors[known]).float() * scale
     save_hf_bert(model, a.out, tok)
-    info = {"data": os.path.abspath(a.data), "tokens": len(tokens), "window": a.window, "contexts": len(columns),
+    info = {"data": [os.path.abspath(d) for d in a.data], "weights": weights,
+            "tokens": [len(t) for t in streams], "window": a.window, "contexts": len(columns),
             "min_count": a.min_count, "words_with_vectors": int(known.sum()), "vocab_size": V,
             "model": a.model, "norm": a.norm, "dim": cfg.hidden_size}
     with open(os.path.join(a.out, "word_vectors.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {a.out}: {info['words_with_vectors']:,} of {V:,} ids got co-occurrence vectors "
-          f"({len(tokens):,} tokens, window {a.window}, {len(columns):,} contexts); the rest of the model is as "
-          f"pretrain.py starts it. Next: python pretrain.py --init {a.out} --data {a.data} ...")
+          f"({sum(len(t) for t in streams):,} tokens, window {a.window}, {len(columns):,} contexts); the rest of the model is as "
+          f"pretrain.py starts it. Next: python pretrain.py --init {a.out} --data {a.data[0]} ...")
     return info
 
 

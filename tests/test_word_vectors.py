@@ -101,12 +101,59 @@ def test_the_folder_holds_the_vectors_and_pretrain_init_continues_it(prepared, t
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
+@pytest.fixture(scope="module")
+def second(prepared):
+    """Other text prepared with the first folder's tokenizer (as task text is: data/prepare.py --tokenizer),
+    and the same text with a tokenizer of its own."""
+    from data.prepare import prepare
+    from data.tasks import sample_binary
+    (prepared / "text2").mkdir()
+    for k in range(30):
+        (prepared / "text2" / f"s{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=100 + k)))
+    prepare([str(prepared / "text2")], str(prepared / "same_tok"), tokenizer=str(prepared / "data"),
+            val_fraction=0.1, quiet=True, workers=1, min_chars=50)
+    prepare([str(prepared / "text2")], str(prepared / "own_tok"), vocab_size=100, val_fraction=0.1, quiet=True,
+            workers=1, min_chars=50)
+    return prepared / "same_tok"
+
+
+def test_several_folders_add_their_counts_each_times_its_weight(prepared, second, tmp_path):
+    from model import from_hf_bert
+    folders = [prepared / "data", second]
+    info = W.run(W.build_parser().parse_args(["--data", *map(str, folders), "--weights", "1", "3", "--out",
+                                              str(tmp_path / "wv"), "--model", "tiny", "--window", "2"]))
+    assert info["weights"] == [1.0, 3.0] and len(info["tokens"]) == 2
+    meta = json.loads((prepared / "data" / "meta.json").read_text())
+    V = meta["vocab_size"]
+    streams = [np.fromfile(f / "train.bin", dtype=meta["dtype"]) for f in folders]
+    # the sum, written out by hand: each stream counted on its own (no window across the seam), the second 3x
+    freq = np.bincount(streams[0], minlength=V) + 3 * np.bincount(streams[1], minlength=V)
+    freq[:5] = 0
+    columns = np.argsort(-freq, kind="stable")[:int((freq > 0).sum())]
+    counts = (brute_force_counts(streams[0].tolist(), V, columns.tolist(), 2)
+              + 3 * brute_force_counts(streams[1].tolist(), V, columns.tolist(), 2))
+    counts[:5] = 0
+    want = W.factorise(W.ppmi(counts), 128)
+    table = from_hf_bert(str(tmp_path / "wv"), head=None).embed.tok.weight.detach().numpy()
+    frequent = [i for i in np.argsort(-freq)[:30] if i > 4]
+    got = table[frequent] / np.linalg.norm(table[frequent], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want[frequent], atol=1e-4)
+    # and the weight matters: counted once each, the vectors differ
+    W.run(W.build_parser().parse_args(["--data", *map(str, folders), "--out", str(tmp_path / "once"),
+                                       "--model", "tiny", "--window", "2"]))
+    once = from_hf_bert(str(tmp_path / "once"), head=None).embed.tok.weight.detach().numpy()[frequent]
+    assert not np.allclose(once / np.linalg.norm(once, axis=1, keepdims=True), got, atol=1e-2)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--data", "{tmp}"], "no meta.json"),
+    (["--data", "{data}", "{data}/../own_tok"], "own_tok: its tokenizer differs from"),
+    (["--data", "{data}", "{data}/../same_tok", "--weights", "1"], "--weights: expected one per --data folder (2)"),
+    (["--data", "{data}", "--weights", "-1"], "--weights: expected positive numbers"),
     (["--data", "{data}", "--window", "0"], "--window: expected a positive number"),
     (["--data", "{data}", "--out", "{data}/../taken"], "already holds a model"),
 ])
-def test_bad_input_gives_one_clear_error_and_writes_nothing(prepared, tmp_path, capsys, args, expected):
+def test_bad_input_gives_one_clear_error_and_writes_nothing(prepared, second, tmp_path, capsys, args, expected):
     taken = prepared / "taken"
     taken.mkdir(exist_ok=True)
     (taken / "config.json").write_text("{}")
