@@ -44,6 +44,7 @@ class EncoderConfig:
     attention_dropout: float = 0.1     # on the attention probabilities
     layer_norm_eps: float = 1e-12
     norm: str = "post"                 # "post": BERT (LN after the residual add); "pre": LN before each branch
+    embedding_norm: bool | None = None # LN on the embedding sum; None: yes for post (BERT), no for pre
     causal: bool = False               # True: each position sees only itself and the past (causal-LM)
     attention: str = "sdpa"            # "sdpa": fused F.scaled_dot_product_attention; "math": written out
     unpad: bool = False                # True: padding is dropped before the layers (see Unpadded)
@@ -57,6 +58,10 @@ class EncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {self.norm!r}")
+        if self.embedding_norm is None:
+            self.embedding_norm = self.norm == "post"
+        elif self.norm == "post" and not self.embedding_norm:
+            raise ValueError("embedding_norm=False needs norm='pre': a post-LN (BERT) stack normalises its embeddings")
         if self.attention not in ("sdpa", "math"):
             raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
         if self.layer_heads is not None:
@@ -117,8 +122,9 @@ class Embeddings(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=None)
         self.pos = nn.Embedding(cfg.max_position, cfg.hidden_size)
         self.seg = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        # a pre-LN stack normalises inside every block, so its embeddings are left un-normalised
-        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "post" else nn.Identity()
+        # a pre-LN stack normalises inside every block, so it may leave its embeddings un-normalised (our default);
+        # Cramming keeps this LN in its pre-LN model: it puts every token's vector on one scale from step 0
+        self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None):
@@ -664,7 +670,7 @@ def hf_config(cfg: EncoderConfig) -> dict:
             "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
             "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
             "pad_token_id": cfg.pad_id, "is_decoder": cfg.causal, "plainbert_norm": cfg.norm,
-            "plainbert_layer_heads": cfg.layer_heads}
+            "plainbert_embedding_norm": cfg.embedding_norm, "plainbert_layer_heads": cfg.layer_heads}
 
 
 def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderConfig:
@@ -682,7 +688,7 @@ def config_from_hf(d: dict, path: str = "config.json", **overrides) -> EncoderCo
                   attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
                   layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_id=d.get("pad_token_id") or 0,
                   causal=bool(d.get("is_decoder", False)), norm=d.get("plainbert_norm", "post"),
-                  layer_heads=d.get("plainbert_layer_heads"))
+                  embedding_norm=d.get("plainbert_embedding_norm"), layer_heads=d.get("plainbert_layer_heads"))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
     kw.update(overrides)

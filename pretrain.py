@@ -35,6 +35,8 @@ def parse_args(argv=None):
                    "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
     p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
     p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
+    p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on "
+                   "the embedding sum (default: on for post-LN, as in BERT; off for pre-LN; not with --init)")
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
                    "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on hidden states and attention weights")
@@ -56,13 +58,16 @@ def parse_args(argv=None):
         if rate is not None and not 0 < rate < 1:
             fail(f"{flag} {rate}: expected a fraction between 0 and 1")
     if args.init is not None:
-        given = [f for f, v in (("--model", args.model), ("--norm", args.norm)) if v is not None]
+        given = [f for f, v in (("--model", args.model), ("--norm", args.norm),
+                                ("--embedding-norm", args.embedding_norm)) if v is not None]
         if given:
             fail(f"{' and '.join(given)}: the architecture comes from --init {args.init}; drop {' and '.join(given)}")
         if args.resume:
             fail(f"--init {args.init} with --resume: a resumed run continues its own checkpoint; "
                          "give one of them (--init starts a new run in a fresh --out)")
-    args.preset_given = args.model is not None or args.norm is not None
+    args.preset_given = any(v is not None for v in (args.model, args.norm, args.embedding_norm))
+    if args.embedding_norm is False and args.norm != "pre":
+        fail("--no-embedding-norm needs --norm pre: a post-LN (BERT) stack normalises its embeddings")
     args.model, args.norm = args.model or "tiny", args.norm or "post"
     if args.seed < 0:
         fail(f"--seed {args.seed}: expected a non-negative integer")
@@ -368,7 +373,8 @@ def run(args, dist_env):
         model, note = init_from(args.init, shards, args)
         cfg = model.config
     else:
-        cfg = EncoderConfig.preset(args.model, vocab_size=tok.vocab_size, norm=args.norm, causal=args.objective == "clm",
+        cfg = EncoderConfig.preset(args.model, vocab_size=tok.vocab_size, norm=args.norm,
+                                   embedding_norm=args.embedding_norm, causal=args.objective == "clm",
                                    attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout,
                                    pad_id=tok.pad_id)
         model, note = LanguageModel(cfg), f"{args.model} model from random weights"
@@ -394,6 +400,8 @@ def run(args, dist_env):
     ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
     if args.resume and (args.resume != "auto" or os.path.exists(ckpt_path)):
         saved = trainer.load_checkpoint(ckpt_path).get("model_config")
+        if saved is not None:   # fields added since it was saved take their defaults
+            saved = EncoderConfig.from_dict(saved).to_dict()
         if saved is not None and saved != cfg.to_dict() and not args.preset_given:
             # a run started with --init (or another preset) resumes with its own architecture
             cfg = EncoderConfig.from_dict({**saved, "attention": args.attention, "dropout": args.dropout,

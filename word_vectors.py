@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the BERT-layout folder to write (must not hold a model yet)")
     p.add_argument("--model", choices=list(PRESETS), default="mini", help="the encoder's shape; the vectors get its width")
     p.add_argument("--norm", choices=["post", "pre"], default="pre", help="LayerNorm placement of the encoder")
+    p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on "
+                   "the embedding sum (default: on for post-LN, off for pre-LN; as pretrain.py)")
     p.add_argument("--window", type=int, default=5, help="context words on each side, weighted 1/distance")
     p.add_argument("--contexts", type=int, default=8192, help="the most frequent ids kept as context columns")
     p.add_argument("--max-tokens", type=float, default=0, help="read at most this many training tokens (0: all)")
@@ -140,7 +142,7 @@ def run(a) -> dict:
     # X = sum over folders of w * X_folder (each stream counted on its own: no window spans two folders)
     counts = sum(w * cooccurrence(t, V, columns, a.window) for w, t in zip(weights, streams))
     counts[specials] = 0
-    cfg = EncoderConfig.preset(a.model, vocab_size=V, norm=a.norm, pad_id=tok.pad_id)
+    cfg = EncoderConfig.preset(a.model, vocab_size=V, norm=a.norm, embedding_norm=a.embedding_norm, pad_id=tok.pad_id)
     torch.manual_seed(a.seed)
     model = LanguageModel(cfg)
     vectors = factorise(ppmi(counts), cfg.hidden_size, a.seed)
@@ -154,7 +156,7 @@ def run(a) -> dict:
     info = {"data": [os.path.abspath(d) for d in a.data], "weights": weights,
             "tokens": [len(t) for t in streams], "window": a.window, "contexts": len(columns),
             "min_count": a.min_count, "words_with_vectors": int(known.sum()), "vocab_size": V,
-            "model": a.model, "norm": a.norm, "dim": cfg.hidden_size}
+            "model": a.model, "norm": a.norm, "embedding_norm": cfg.embedding_norm, "dim": cfg.hidden_size}
     with open(os.path.join(a.out, "word_vectors.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {a.out}: {info['words_with_vectors']:,} of {V:,} ids got co-occurrence vectors "

@@ -220,3 +220,40 @@ def test_pytorch_model_bin_is_read_with_weights_only(tmp_path):
     torch.save({"x": object()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(M.CheckpointError, match="cannot read weights"):
         M.from_hf_bert(str(tmp_path), head=None)
+
+
+def test_pre_ln_embedding_norm_is_a_saved_switch_and_old_pre_ln_folders_load_without_it(tmp_path):
+    ids, mask, _ = padded_batch()
+    base = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, max_position=64, dropout=0.0,
+                attention_dropout=0.0, norm="pre")
+    torch.manual_seed(0)
+    with_ln = M.LanguageModel(M.EncoderConfig(**base, embedding_norm=True)).eval()
+    assert isinstance(with_ln.encoder.embed.norm, M.LayerNorm)
+    with torch.no_grad():                         # a trained-looking LN, so that loading it back is visible
+        with_ln.encoder.embed.norm.weight.uniform_(0.5, 1.5)
+        with_ln.encoder.embed.norm.bias.normal_(0, 0.1)
+    M.save_hf_bert(with_ln, str(tmp_path / "ln"))
+    assert json.loads((tmp_path / "ln" / "config.json").read_text())["plainbert_embedding_norm"] is True
+    back = M.from_hf_bert(str(tmp_path / "ln"), head="mlm").eval()
+    assert back.config.embedding_norm is True
+    torch.testing.assert_close(back(ids, mask), with_ln(ids, mask), rtol=0, atol=0)
+
+    # a pre-LN folder written before the switch existed has no such field: it loads as it was, without the LN
+    without = M.LanguageModel(M.EncoderConfig(**base)).eval()
+    assert isinstance(without.encoder.embed.norm, torch.nn.Identity)
+    M.save_hf_bert(without, str(tmp_path / "old"))
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["plainbert_embedding_norm"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    old = M.from_hf_bert(str(tmp_path / "old"), head="mlm", strict=True).eval()
+    assert old.config.embedding_norm is False
+    torch.testing.assert_close(old(ids, mask), without(ids, mask), rtol=0, atol=0)
+    # the LN changes the function: the same weights with and without it differ
+    assert not torch.allclose(with_ln(ids, mask), without(ids, mask))
+
+
+def test_post_ln_always_normalises_its_embeddings():
+    assert M.EncoderConfig(norm="post").embedding_norm is True
+    assert M.EncoderConfig(norm="pre").embedding_norm is False
+    with pytest.raises(ValueError, match="embedding_norm=False needs norm='pre'"):
+        M.EncoderConfig(norm="post", embedding_norm=False)

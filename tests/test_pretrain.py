@@ -398,6 +398,8 @@ def test_init_bad_inputs_one_clear_error_each_and_nothing_overwritten(corpus, tm
     assert res.returncode == 2 and "--init" in res.stderr and "--resume" in res.stderr
     res = run_cli(["--data", str(corpus / "data"), "--init", str(minilm_dir()), "--model", "mini"])
     assert res.returncode == 2 and "drop --model" in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), "--init", str(minilm_dir()), "--embedding-norm"])
+    assert res.returncode == 2 and "drop --embedding-norm" in res.stderr
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
     run_dir = tmp_path / "run"
     assert run_cli(["--data", str(corpus / "data"), *TINY, "--max-steps", "2", "--out", str(run_dir)]).returncode == 0
@@ -405,6 +407,20 @@ def test_init_bad_inputs_one_clear_error_each_and_nothing_overwritten(corpus, tm
     res = run_cli(["--data", str(corpus / "data"), *TINY, "--max-steps", "2", "--out", str(run_dir)])
     assert res.returncode == 2 and "already holds a run" in res.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_embedding_norm_flag_builds_a_pre_ln_model_that_saves_and_resumes_with_it(corpus, tmp_path):
+    out = tmp_path / "run"
+    base = ["--data", str(corpus / "data"), *TINY, "--norm", "pre", "--out", str(out)]
+    assert run_cli([*base, "--embedding-norm", "--max-steps", "2"]).returncode == 0
+    assert json.loads((out / "config.json").read_text())["plainbert_embedding_norm"] is True
+    # resuming with the flags the run was started with continues it; without the LN it is another model
+    assert run_cli([*base, "--embedding-norm", "--max-steps", "3", "--resume", "--allow-changed", "max_steps"]).returncode == 0
+    res = run_cli([*base, "--max-steps", "4", "--resume", "--allow-changed", "max_steps"])
+    assert res.returncode == 2 and "embedding_norm" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--no-embedding-norm", "--out", str(tmp_path / "post")])
+    assert res.returncode == 2 and "--no-embedding-norm needs --norm pre" in res.stderr
+    assert not (tmp_path / "post").exists()
 
 
 def test_continued_pretraining_of_minilm_on_wordpiece_shards_learns_and_fine_tunes(tmp_path):
