@@ -241,6 +241,7 @@ def test_pre_ln_embedding_norm_is_a_saved_switch_and_old_pre_ln_folders_load_wit
     # a pre-LN folder written before the switch existed has no such field: it loads as it was, without the LN
     without = M.LanguageModel(M.EncoderConfig(**base)).eval()
     assert isinstance(without.encoder.embed.norm, torch.nn.Identity)
+    without.load_state_dict({k: v for k, v in with_ln.state_dict().items() if not k.startswith("encoder.embed.norm.")})
     M.save_hf_bert(without, str(tmp_path / "old"))
     cfg = json.loads((tmp_path / "old" / "config.json").read_text())
     del cfg["plainbert_embedding_norm"]
