@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    "the embedding sum (default: on for post-LN, as in BERT; off for pre-LN; not with --init)")
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
                    "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
+    p.add_argument("--freeze-embeddings", action="store_true", help="keep the word embeddings (and the LM decoder "
+                   "tied to them) as --init gave them, e.g. word vectors (word_vectors.py): only the layers learn")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on hidden states and attention weights")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window, [CLS] included")
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: fraction of tokens to predict")
@@ -65,6 +67,9 @@ def parse_args(argv=None):
         if args.resume:
             fail(f"--init {args.init} with --resume: a resumed run continues its own checkpoint; "
                          "give one of them (--init starts a new run in a fresh --out)")
+    if args.freeze_embeddings and args.init is None and not args.resume:
+        fail("--freeze-embeddings needs --init DIR (or --resume of a run started with it): random word embeddings "
+             "would stay random")
     args.preset_given = any(v is not None for v in (args.model, args.norm, args.embedding_norm))
     if args.embedding_norm is False and args.norm != "pre":
         fail("--no-embedding-norm needs --norm pre: a post-LN (BERT) stack normalises its embeddings")
@@ -413,6 +418,11 @@ def run(args, dist_env):
     elif os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         raise ValueError(f"--out {args.out} already holds a run (checkpoint.pt): continue it with --resume, "
                          "or give another --out (nothing was overwritten)")
+    if args.freeze_embeddings:
+        # the word vectors stay fixed (the tied decoder is the same tensor, so the LM head scores against them);
+        # only positions, layers, norms and the decoder bias learn. The optimizer skips what needs no grad.
+        model.encoder.embed.tok.weight.requires_grad_(False)
+        note += "; word embeddings frozen"
     if dist_env.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(f"{args.objective} pre-training: {note}, {n / 1e6:.2f}M parameters, "
@@ -438,7 +448,8 @@ def run(args, dist_env):
 
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
                            extra_state={"model_config": cfg.to_dict()},
-                           fingerprint={"objective": args.objective, "mask_rate": args.mask_rate, "data": shards.fingerprint()})
+                           fingerprint={"objective": args.objective, "mask_rate": args.mask_rate, "data": shards.fingerprint(),
+                                        "freeze_embeddings": args.freeze_embeddings})
     if dist_env.is_main and not result["preempted"]:
         from plots import plot_metrics
         plot_metrics(args.out, title=f"{args.objective} pre-training: {note}")

@@ -423,6 +423,27 @@ def test_embedding_norm_flag_builds_a_pre_ln_model_that_saves_and_resumes_with_i
     assert not (tmp_path / "post").exists()
 
 
+def test_freeze_embeddings_keeps_the_word_vectors_and_trains_the_rest(corpus, tmp_path):
+    """--init DIR --freeze-embeddings: the word embeddings (and the LM decoder, the same tensor) stay as DIR
+    has them, everything else learns; the run resumes only with the flag; without --init it is refused."""
+    start, frozen = tmp_path / "start", tmp_path / "frozen"
+    assert run_cli(["--data", str(corpus / "data"), *TINY, "--norm", "pre", "--max-steps", "2", "--out", str(start)]).returncode == 0
+    base = ["--data", str(corpus / "data"), "--seq-len", "32", "--batch-size", "4", "--eval-every", "0",
+            "--save-every", "0", "--dropout", "0", "--out", str(frozen)]
+    res = run_cli([*base, "--init", str(start), "--freeze-embeddings", "--max-steps", "3"])
+    assert res.returncode == 0 and "word embeddings frozen" in res.stdout
+    before, after = params(start), params(frozen)
+    assert torch.equal(before["encoder.embed.tok.weight"], after["encoder.embed.tok.weight"])
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "encoder.embed.pos.weight" in moved and "lm_head.bias" in moved and len(moved) > len(before) // 2
+    res = run_cli([*base, "--freeze-embeddings", "--resume", "--max-steps", "4", "--allow-changed", "max_steps"])
+    assert res.returncode == 0 and torch.equal(params(frozen)["encoder.embed.tok.weight"], before["encoder.embed.tok.weight"])
+    res = run_cli([*base, "--resume", "--max-steps", "5", "--allow-changed", "max_steps"])
+    assert res.returncode == 2 and "freeze_embeddings" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["--data", str(corpus / "data"), *TINY, "--freeze-embeddings", "--out", str(tmp_path / "none")])
+    assert res.returncode == 2 and "--freeze-embeddings needs --init" in res.stderr and not (tmp_path / "none").exists()
+
+
 def test_continued_pretraining_of_minilm_on_wordpiece_shards_learns_and_fine_tunes(tmp_path):
     """pretrain.py --init all-MiniLM-L6-v2 (an encoder without an MLM head) on shards made with its own
     WordPiece vocabulary: a tied head is initialised, the MLM loss falls, the result resumes with its own
