@@ -45,7 +45,7 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
-           "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+           "--clip", str(a.clip), "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json")
 
 
@@ -218,6 +218,8 @@ def parse_args(argv=None):
     g.add_argument("--min-steps", type=int, default=300)
     g.add_argument("--max-steps", type=int, default=1500, help="cap per run (the CPU budget)")
     g.add_argument("--warmup", type=float, default=0.1)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off); 1.0 in every row "
+                   "of the README's curve, so it is fixed here rather than taken from finetune.py's default")
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
     g = p.add_argument_group("task-adaptive pre-training")
