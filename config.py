@@ -15,6 +15,26 @@ from dataclasses import dataclass, field, fields
 PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
            "base": (12, 768, 12)}
 
+
+
+def add_shape_args(p: argparse.ArgumentParser, model: str | None, norm: str | None, when: str = "") -> None:
+    """--model, --norm, --embedding-norm: the encoder a script builds from scratch (pretrain.py, word_vectors.py).
+    A default of None lets the script tell a flag given from one left out; `when` ends each help."""
+    said = lambda default, meaning: f"; default {meaning}" if default is None else ""   # argparse shows a real default
+    p.add_argument("--model", choices=list(PRESETS), default=model,
+                   help=f"size preset (BERT miniatures{said(model, 'tiny')}{when})")
+    p.add_argument("--norm", choices=["post", "pre"], default=norm,
+                   help=f"LayerNorm placement (before or after each sub-layer{said(norm, 'post')}{when})")
+    p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on the "
+                   f"embedding sum (default: on for post-LN, as in BERT; off for pre-LN{when})")
+
+
+def check_shape_args(args: argparse.Namespace) -> None:
+    """The one combination add_shape_args' flags cannot make, refused by flag name."""
+    if args.embedding_norm is False and (args.norm or "post") != "pre":
+        fail("--no-embedding-norm needs --norm pre: a post-LN (BERT) stack normalises its embeddings")
+
+
 # -----------------------------------------------------------------------------------------------------
 # the loop's configuration, and the flags shared by pretrain.py and finetune.py made from it
 

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from config import PRESETS, add_training_args, fail
+from config import add_shape_args, add_training_args, check_shape_args, fail
 
 # -----------------------------------------------------------------------------------------------------
 # the command line first: it needs config.py alone, so --help and a bad flag are answered before the
@@ -33,10 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--init", metavar="DIR", help="continue pre-training a BERT-layout folder (a pretrain.py output, "
                    "all-MiniLM-L6-v2, ...) instead of starting from random weights: domain/task-adaptive pre-training. "
                    "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
-    p.add_argument("--model", choices=list(PRESETS), help="size preset (BERT miniatures; default tiny; not with --init)")
-    p.add_argument("--norm", choices=["post", "pre"], help="LayerNorm placement (default post; not with --init)")
-    p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on "
-                   "the embedding sum (default: on for post-LN, as in BERT; off for pre-LN; not with --init)")
+    add_shape_args(p, model=None, norm=None, when="; not with --init")
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="sdpa: PyTorch's fused "
                    "scaled_dot_product_attention; math: the explicit softmax(QK^T / sqrt(d)) V, to read and to check")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the word embeddings (and the LM decoder "
@@ -71,8 +68,7 @@ def parse_args(argv=None):
         fail("--freeze-embeddings needs --init DIR (or --resume of a run started with it): random word embeddings "
              "would stay random")
     args.preset_given = any(v is not None for v in (args.model, args.norm, args.embedding_norm))
-    if args.embedding_norm is False and args.norm != "pre":
-        fail("--no-embedding-norm needs --norm pre: a post-LN (BERT) stack normalises its embeddings")
+    check_shape_args(args)
     args.model, args.norm = args.model or "tiny", args.norm or "post"
     if args.seed < 0:
         fail(f"--seed {args.seed}: expected a non-negative integer")

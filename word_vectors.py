@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from config import PRESETS, fail
+from config import add_shape_args, check_shape_args, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
                    help="one per --data folder: its counts are multiplied by W (default 1 each)")
     p.add_argument("--out", required=True, help="the BERT-layout folder to write (must not hold a model yet)")
-    p.add_argument("--model", choices=list(PRESETS), default="mini", help="the encoder's shape; the vectors get its width")
-    p.add_argument("--norm", choices=["post", "pre"], default="pre", help="LayerNorm placement of the encoder")
-    p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on "
-                   "the embedding sum (default: on for post-LN, off for pre-LN; as pretrain.py)")
+    add_shape_args(p, model="mini", norm="pre")      # the vectors get the model's width
     p.add_argument("--window", type=int, default=5, help="context words on each side, weighted 1/distance")
     p.add_argument("--contexts", type=int, default=8192, help="the most frequent ids kept as context columns")
     p.add_argument("--max-tokens", type=float, default=0, help="read at most this many training tokens (0: all)")
@@ -167,6 +164,7 @@ def run(a) -> dict:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    check_shape_args(a)
     try:
         run(a)
     except ValueError as e:
