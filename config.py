@@ -16,15 +16,16 @@ PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medi
            "base": (12, 768, 12)}
 
 
-
 def add_shape_args(p: argparse.ArgumentParser, model: str | None, norm: str | None, when: str = "") -> None:
     """--model, --norm, --embedding-norm: the encoder a script builds from scratch (pretrain.py, word_vectors.py).
-    A default of None lets the script tell a flag given from one left out; `when` ends each help."""
-    said = lambda default, meaning: f"; default {meaning}" if default is None else ""   # argparse shows a real default
+    A default of None lets the script tell a flag given from one left out (the help then names the fallback;
+    argparse shows a real default itself); `when` ends each help."""
+    model_default = "; default tiny" if model is None else ""
+    norm_default = "; default post" if norm is None else ""
     p.add_argument("--model", choices=list(PRESETS), default=model,
-                   help=f"size preset (BERT miniatures{said(model, 'tiny')}{when})")
+                   help=f"size preset (BERT miniatures{model_default}{when})")
     p.add_argument("--norm", choices=["post", "pre"], default=norm,
-                   help=f"LayerNorm placement (before or after each sub-layer{said(norm, 'post')}{when})")
+                   help=f"LayerNorm placement (before or after each sub-layer{norm_default}{when})")
     p.add_argument("--embedding-norm", action=argparse.BooleanOptionalAction, default=None, help="a LayerNorm on the "
                    f"embedding sum (default: on for post-LN, as in BERT; off for pre-LN{when})")
 

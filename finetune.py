@@ -64,11 +64,11 @@ MIN_STEPS = {True: 300, False: 600}    # pre-trained?: optimizer steps even a sm
 EPOCHS = (3, 20)                       # the default epoch count: at least 3, at most 20 (for MIN_STEPS)
 HELDOUT = (0.1, 100, 1000)             # with no dev set: this fraction of train picks the checkpoint, clamped
 FINETUNE_DROPOUT = 0.1                 # when the checkpoint was pre-trained without dropout (ours: 0)
+SPAN_CLIP = 1.0                        # gradient-norm clip of token/QA/multi-task runs (classification: none)
 # binary trains one logit z with BCE; transformers' BertForSequenceClassification two, z1 - z0 = (w1 - w0).h,
 # with softmax cross-entropy. Their gradients on w1 and w0 are equal and opposite, so Adam moves each by
 # the same lr-sized step and the margin's weights w1 - w0 by twice lr: the one-logit head at 2x lr takes
 # exactly those steps (tests/test_recipe.py checks the two heads step for step).  [eq:binary-head-lr]
-SPAN_CLIP = 1.0                        # gradient-norm clip of token/QA/multi-task runs (classification: none)
 HEAD_LR_SCALE = {"binary": 2.0}        # task -> the head's lr / the encoder's; every other task: 1
 NEVER = 10 ** 9                        # "patience" of plain best-checkpoint selection: it never stops early
 MIN_METRICS = ("loss", "mse")                            # smaller is better; every other metric: larger
@@ -385,16 +385,15 @@ def resolve_recipe(a, task, n_train, model, has_dev, batch_size, slots=1, head_f
     else:
         choose("length_bucket", 1, "random batches, as transformers' (--length-bucket N sorts within N batches: faster)")
     choose("head_lr_scale", *head_lr_scale(a, task))
-    if a.clip is not None:
-        choose("clip", a.clip, "--clip")
-    else:   # 7 seeds on 2k-example sets, against the plain loop: SST-2 -0.34 clipped, -0.23 not; STS-B -0.67, -0.27
-        choose("clip", 0.0, "no gradient clipping, as the plain transformers loop (clipping at 1 cost 0.1-0.4 points, README)")
+    # 7 seeds on 2k-example sets, against the plain loop: SST-2 -0.34 clipped, -0.23 not; STS-B -0.67, -0.27
+    choose("clip", clip_or(a, 0.0), "--clip" if a.clip is not None else
+           "no gradient clipping, as the plain transformers loop (clipping at 1 cost 0.1-0.4 points, README)")
     return r, why
 
 
 def clip_or(a, default: float = SPAN_CLIP) -> float:
     """--clip when given, else `default`: token tagging, QA and multi-task clip at 1.0, as transformers' Trainer
-    (max_grad_norm) does in the recipes they follow; sentence classification's choice is resolve_recipe's."""
+    (max_grad_norm) does in the recipes they follow; resolve_recipe passes sentence classification's 0."""
     return default if a.clip is None else a.clip
 
 
