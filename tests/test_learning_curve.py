@@ -89,3 +89,52 @@ def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tmp_
     a.tapt_lr *= 2                                                      # another learning rate: redone
     lc.task_adaptive_pretraining("init", texts, tmp_path, a)
     assert calls == ["prepare.py", "pretrain.py"] * 2
+
+
+def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_again(tmp_path):
+    """scripts/transfer_curve.sh, issue #10's pipeline in one command, at a tiny size: shards, word vectors,
+    two masked-LM cycles on the frozen table, the learning curve. A cycle stopped after its checkpoint resumes
+    it; a finished stage is skipped."""
+    import os
+    import subprocess
+
+    import torch
+
+    from data.tasks import sample_binary
+    from model import from_hf_bert
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "text").mkdir()
+    for k in range(60):                                   # one document a file
+        (tmp_path / "text" / f"r{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=k)))
+    train, dev = write_sample_binary(tmp_path / "task", n_train=80, n_dev=40)
+    out = tmp_path / "out"
+    env = dict(os.environ, TEXT=str(tmp_path / "text"), HELDOUT="", DATA=str(tmp_path / "shards"), VOCAB="120",
+               MODEL="tiny", STEPS1="3", STEPS2="2", BATCH="4", SEQ_LEN="32", TRAIN=str(train), DEV=str(dev),
+               SIZES="40", SEEDS="1", FT_MIN_STEPS="3", FT_MAX_STEPS="3")
+
+    def run():
+        done = subprocess.run(["bash", str(root / "scripts" / "transfer_curve.sh"), str(out)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = run()
+    assert "word vectors" in first and "masked LM" in first
+    curve = json.loads((out / "curve" / "curve.json").read_text())
+    assert set(curve["runs"]) == {"random", "pretrained", "word-vectors", "bow"}
+    assert all(len(curve["runs"][arm]["40"]) == 1 for arm in ("random", "pretrained", "word-vectors"))
+    steps = [json.loads(line)["step"] for line in (out / "mlm-2" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+    wv, mlm = (from_hf_bert(str(out / name), head=None) for name in ("wv", "mlm-2"))
+    assert torch.equal(wv.embed.tok.weight, mlm.embed.tok.weight), "the masked LM ran on the frozen word vectors"
+    assert not torch.equal(wv.blocks[0].ffn.fc1.weight, mlm.blocks[0].ffn.fc1.weight), "its layers learnt"
+    # again: every stage is done, nothing is trained twice; a cycle without its marker resumes its checkpoint
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    (out / "mlm-2.done").unlink()
+    second = run()
+    assert "word vectors" not in second
+    assert [line.split(" ", 2)[2] for line in second.splitlines() if "masked LM" in line] == \
+        [f"masked LM {out / 'mlm-2'}: resuming its checkpoint"]
+    assert "resumed from" in (out / "mlm-2.log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors") if "mlm-2" not in str(p)} == \
+        {p: t for p, t in stamps.items() if "mlm-2" not in str(p)}
