@@ -45,7 +45,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 say() { echo "== $(date +%H:%M:%S) $*"; }
 
-# 1. shards (data/prepare.py itself does nothing when its inputs and arguments equal meta.json's)
+# 1. shards, skipped when $DATA already holds them (e.g. the README's documented run prepared data/wiki)
 # shellcheck disable=SC2086   # TEXT is a list of paths
 [ -f "$DATA/meta.json" ] || { say "prepare $TEXT -> $DATA"; python data/prepare.py --input $TEXT --out "$DATA" --vocab-size "$VOCAB"; }
 EVAL=()

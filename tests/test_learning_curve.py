@@ -2,9 +2,12 @@
 model (random, pre-trained, + task-adaptive pre-training, another folder, bag-of-words), a table that is
 the median of the seeds, a PNG and JSON, and finished runs reused."""
 import json
+import os
 import pathlib
+import subprocess
 
 import pytest
+import torch
 
 import learning_curve as lc
 from data.tasks import read_examples, write_sample_binary
@@ -95,11 +98,6 @@ def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_ag
     """scripts/transfer_curve.sh, issue #10's pipeline in one command, at a tiny size: shards, word vectors,
     two masked-LM cycles on the frozen table, the learning curve. A cycle stopped after its checkpoint resumes
     it; a finished stage is skipped."""
-    import os
-    import subprocess
-
-    import torch
-
     from data.tasks import sample_binary
     from model import from_hf_bert
     root = pathlib.Path(__file__).resolve().parents[1]

@@ -279,14 +279,16 @@ def compare_classifiers(ours, ref, task, rtol=1e-6, params_rtol=1e-9):
     assert compared >= 30
 
 
-def test_fine_tuning_sentence_pairs_matches_transformers_sequence_classification_step_for_step(tmp_path, float64):
+@pytest.mark.usefixtures("float64")
+def test_fine_tuning_sentence_pairs_matches_transformers_sequence_classification_step_for_step(tmp_path):
     folder = classifier_folder(tmp_path / "init", seed=4)
     train = write_task(tmp_path / "train.tsv", "pair")
     ours = finetune_ours(folder, train, "pair", wd=0.01, clip=1.0, out=tmp_path / "ours")
     compare_classifiers(ours, finetune_reference(folder, train, wd=0.01, clip=1.0), "pair")
 
 
-def test_binary_one_logit_at_twice_the_lr_matches_transformers_two_logit_head_step_for_step(tmp_path, float64):
+@pytest.mark.usefixtures("float64")
+def test_binary_one_logit_at_twice_the_lr_matches_transformers_two_logit_head_step_for_step(tmp_path):
     """Exact without weight decay and clipping: transformers decays each of its two rows at the lr (ours z
     at 2x the lr), and its gradient norm counts the head's gradient twice (rows +g and -g)."""
     folder = classifier_folder(tmp_path / "init", seed=5)
