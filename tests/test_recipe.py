@@ -137,6 +137,34 @@ def test_the_head_lr_scale_reaches_the_optimizer_and_the_schedule():
         assert group["weight_decay"] == (0.01 if group["params"][0].ndim == 2 else 0.0)
 
 
+def test_layer_decay_trains_each_encoder_layer_at_xi_times_the_lr_of_the_one_above(tiny_init, tmp_path, monkeypatch):  # noqa: F811
+    """--layer-decay 0.8 on a 2-block encoder: block 1 (the top) at the lr, block 0 at 0.8x, the embeddings at
+    0.64x; the pooler at 1x and binary's head at its 2x; what finetune.run hands the optimizer."""
+    seen = []
+    monkeypatch.setattr(finetune, "train", lambda model, *args, **kw: seen.append((model, kw["lr_scales"])) or 1 / 0)
+    train, _ = write_sample_binary(tmp_path / "data", n_train=240, n_dev=24)
+    for flags in ([], ["--layer-decay", "0.8"]):
+        with pytest.raises(ZeroDivisionError):
+            finetune.run(["--init", str(tiny_init), "--train", str(train), "--out", str(tmp_path / "out"), *FAST, *flags])
+    expected = {"encoder.embed": 0.64, "encoder.blocks.0": 0.8, "encoder.blocks.1": 1.0, "pooler": 1.0, "classifier": 2.0}
+    for (model, scales), decay in zip(seen, (1.0, 0.8)):
+        assert len(model.encoder.blocks) == 2
+        opt = trainer.build_optimizer(model, 1.0, lr_scales=scales)
+        lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            part = next(k for k in expected if name.startswith(k))
+            want = expected[part] if decay != 1 or part == "classifier" else 1.0
+            assert lr_of[id(p)] == pytest.approx(want, rel=1e-12), name
+    assert recipe("--layer-decay", "0.8")[0]["layer_decay"] == 0.8 and recipe()[0]["layer_decay"] == 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.9"])
+def test_a_layer_decay_outside_zero_to_one_is_one_clear_error(value):
+    a = finetune.build_parser().parse_args(["--layer-decay", value])
+    with pytest.raises(finetune.FinetuneError, match=r"--layer-decay: expected a factor in \(0, 1\]"):
+        finetune.check_args(a)
+
+
 def test_flags_given_win_over_the_recipe():
     r, why = recipe("--lr", "3e-5", "--epochs", "2", "--dropout", "0.2")
     assert (r["lr"], r["max_steps"], r["epochs"], r["dropout"]) == (3e-5, 126, 2, 0.2)
