@@ -258,3 +258,16 @@ def test_a_binary_head_trains_at_twice_the_lr_in_a_multitask_run_as_it_does_alon
         assert heads and all(s == head(kinds[n.split(".")[1]]) for n, s in heads.items()), heads
         assert all(s == 1.0 for n, s in scales.items() if not n.startswith("heads."))
     assert "binary" in kinds.values() and len(set(kinds.values())) > 1, "the point: a binary and another kind"
+
+
+def test_a_multitask_run_chooses_its_lr_for_its_own_number_of_steps(tiny_init, tmp_path, monkeypatch):  # noqa: F811
+    """recipe_lr shrinks a pre-trained model's lr on long schedules: a multi-task run passes it its step count."""
+    seen, real = [], finetune.recipe_lr
+
+    def spy(a, task, model, steps):
+        seen.append(steps)
+        return real(a, task, model, steps)
+    monkeypatch.setattr(finetune, "recipe_lr", spy)
+    finetune.run(["--init", str(tiny_init), "--tasks", *tiny_tasks(tmp_path), *FAST, "--max-steps", "3",
+                  "--out", str(tmp_path / "o")])
+    assert seen == [3]

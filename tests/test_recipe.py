@@ -58,6 +58,22 @@ def test_learning_rate_follows_the_models_width_and_pretraining(width, pretraine
     assert r["lr"] == lr and r["pretrained"] == pretrained and f"hidden size {width}" in why["lr"]
 
 
+@pytest.mark.parametrize("n, pretrained, lr", [
+    (8000, True, 1e-4),            # 750 steps: the 8k comparison with the plain loop keeps the table's lr
+    (16000, True, 1e-4),           # 1,500 steps: the last that do
+    (32000, True, 1e-4 * 0.5 ** 0.5),   # 3,000 steps: sqrt(1,500 / 3,000)
+    (67349, True, 5e-5),           # SST-2 in full, 6,315 steps: half (at least half from 6,000 steps on)
+    (670000, True, 5e-5),          # never below half
+    (67349, False, 3e-4),          # random weights: no evidence that long runs want less, the table's lr
+])
+def test_a_pretrained_models_long_schedule_takes_a_smaller_learning_rate(n, pretrained, lr):
+    r, why = recipe(n=n, model=ModelLike(pretrained=pretrained))
+    assert r["lr"] == pytest.approx(lr, rel=1e-12)
+    assert ("long run" in why["lr"]) == (lr < 1e-4 and pretrained)
+    assert recipe("--lr", "1e-4", n=n, model=ModelLike(pretrained=pretrained))[0]["lr"] == 1e-4   # a flag wins
+    assert recipe("--method", "lora", n=n)[0]["lr"] == finetune.METHODS["lora"].lr                # PEFT keeps its own
+
+
 def test_peft_methods_and_simcse_keep_their_own_learning_rates():
     assert recipe("--method", "lora")[0]["lr"] == finetune.METHODS["lora"].lr
     assert recipe("--method", "bitfit")[0]["lr"] == finetune.METHODS["bitfit"].lr
