@@ -1020,8 +1020,9 @@ def run_multitask(a) -> dict:
                    "method": a.method, "init": str(init.resolve()), "max_length": max_length,
                    "task_sampling": a.task_sampling, "sampling_temperature": a.sampling_temperature,
                    "head_lr_scales": head_lr, **layer_decay_fingerprint(a)}
-    result = train(model, loss_fn, data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor, log_fields={"epoch_steps":
-                   steps_per_epoch}, fingerprint=fingerprint, lr_scales={**head_lr, **layer_lr_scales(model, a.layer_decay)})
+    result = train(model, loss_fn, data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
+                   log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint,
+                   lr_scales={**head_lr, **layer_lr_scales(model, a.layer_decay)})
     train_seconds = time.time() - t_train
     if result["preempted"]:      # an unfinished model: no export, no final metrics; --resume finishes it
         dist_env.close()
