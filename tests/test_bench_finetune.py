@@ -27,8 +27,8 @@ def test_bench_runs_both_arms_on_nested_subsets_and_reports_every_seed(tiny_init
     for n in (32, 64):
         hf = [json.loads((out / "runs" / "hf" / str(n) / f"seed{s}" / "result.json").read_text()) for s in (1, 2)]
         ours = [json.loads((out / "runs" / "ours" / str(n) / f"seed{s}" / "result.json").read_text()) for s in (1, 2)]
-        assert [r["steps"] for r in hf] == [n // 32] * 2                          # 1 epoch of batch 32, as ours
-        assert [r["recipe"]["max_steps"] for r in ours] == [n // 32] * 2
+        assert [r["steps"] for r in hf] == [n // 32] * 2                          # 1 epoch of batch 32
+        assert [r["recipe"]["max_steps"] for r in ours] == [n // 16] * 2          # ours: of 16, a small set's
         assert [r["recipe"]["lr"] for r in ours] == [1e-3] * 2                  # the recipe's, not a flag
         assert table[f"hf {n}"]["runs"] == [100 * r["dev"]["accuracy"] for r in hf]
         assert table[f"ours {n}"]["runs"] == [100 * r["dev_last"]["accuracy"] for r in ours]   # unselected

@@ -27,9 +27,9 @@ class ModelLike(torch.nn.Module):
                 self.norm.weight.mul_(1.1)
 
 
-def recipe(*flags, n=2000, model=None, has_dev=True, task="binary", batch_size=32):
+def recipe(*flags, n=2000, model=None, has_dev=True, task="binary"):
     a = finetune.build_parser().parse_args(["--task", task, *flags])
-    return finetune.resolve_recipe(a, task, n, model or ModelLike(), has_dev, batch_size)
+    return finetune.resolve_recipe(a, task, n, model or ModelLike(), has_dev)
 
 
 def steps(n, **kw):
@@ -77,21 +77,47 @@ def test_a_pretrained_models_long_schedule_takes_a_smaller_learning_rate(n, pret
 def test_peft_methods_and_simcse_keep_their_own_learning_rates():
     assert recipe("--method", "lora")[0]["lr"] == finetune.METHODS["lora"].lr
     assert recipe("--method", "bitfit")[0]["lr"] == finetune.METHODS["bitfit"].lr
-    assert recipe(task="simcse", batch_size=64)[0]["lr"] == finetune.SIMCSE_LR
+    assert recipe(task="simcse")[0]["lr"] == finetune.SIMCSE_LR
 
 
 @pytest.mark.parametrize("n, pretrained, expected_steps, expected_epochs", [
-    (1000, True, 320, 10),        # 32 steps an epoch: 10 epochs reach 300 steps
-    (2000, True, 315, 5),         # 63 an epoch: 5 epochs
-    (8000, True, 750, 3),         # 250 an epoch: 3 epochs already pass 300
+    (1000, True, 315, 5),         # 63 steps of 16 an epoch: 5 epochs reach 300 steps
+    (2000, True, 375, 3),         # 125 of 16 an epoch: 3 epochs
+    (8000, True, 750, 3),         # 250 of 32 an epoch: 3 epochs already pass 300
     (67349, True, 6315, 3),       # SST-2 in full: 3 epochs
-    (1000, False, 608, 19),       # random weights: at least 600 steps
-    (100, True, 80, 20),          # 4 steps an epoch: capped at 20 epochs
+    (1000, False, 630, 10),       # random weights: at least 600 steps
+    (100, True, 140, 20),         # 7 steps an epoch: capped at 20 epochs
 ])
 def test_small_sets_get_more_epochs_until_a_minimum_number_of_steps(n, pretrained, expected_steps, expected_epochs):
     r, why = recipe(n=n, model=ModelLike(pretrained=pretrained))
     assert (r["max_steps"], r["epochs"]) == (expected_steps, expected_epochs)
     assert f"{expected_epochs} epochs" in why["max_steps"]
+
+
+@pytest.mark.parametrize("n, flags, task, batch_size", [
+    (2000, [], "binary", 16),            # SST-2's first 2,000: twice the steps an epoch of 32
+    (3999, [], "pair", 16),
+    (4000, [], "binary", 32),            # from SMALL_SET[0] on: transformers' 32
+    (67349, [], "binary", 32),
+    (2000, ["--batch-size", "32"], "binary", 32),   # a flag wins
+    (2000, [], "simcse", 64),            # in-batch negatives: SimCSE's own
+])
+def test_small_sets_train_in_batches_of_sixteen(n, flags, task, batch_size):
+    r, why = recipe(*flags, n=n, task=task)
+    assert r["batch_size"] == batch_size
+    assert ("fewer than 4,000" in why["batch_size"]) == (batch_size == 16)
+    assert recipe(n=4400, has_dev=False)[0]["batch_size"] == 16     # 440 held out: 3,960 train
+
+
+def test_the_recipes_batch_size_is_what_the_loop_trains_with(tiny_init, tmp_path, monkeypatch):  # noqa: F811
+    seen = []
+    monkeypatch.setattr(finetune, "train", lambda model, loss, data, cfg, *args, **kw: seen.append(cfg.batch_size) or 1 / 0)
+    train, _ = write_sample_binary(tmp_path / "data", n_train=240, n_dev=24)
+    quiet = ["--no-progress", "--save-every", "0", "--max-steps", "2"]
+    for flags in ([], ["--batch-size", "8"]):
+        with pytest.raises(ZeroDivisionError):
+            finetune.run(["--init", str(tiny_init), "--train", str(train), "--out", str(tmp_path / "out"), *quiet, *flags])
+    assert seen == [16, 8]
 
 
 def test_a_one_logit_binary_head_at_twice_the_lr_steps_as_a_two_logit_softmax_head():
@@ -183,7 +209,7 @@ def test_a_layer_decay_outside_zero_to_one_is_one_clear_error(value):
 
 def test_flags_given_win_over_the_recipe():
     r, why = recipe("--lr", "3e-5", "--epochs", "2", "--dropout", "0.2")
-    assert (r["lr"], r["max_steps"], r["epochs"], r["dropout"]) == (3e-5, 126, 2, 0.2)
+    assert (r["lr"], r["max_steps"], r["epochs"], r["dropout"]) == (3e-5, 250, 2, 0.2)
     assert (why["lr"], why["max_steps"], why["dropout"]) == ("--lr", "--epochs 2", "--dropout")
     assert recipe("--max-steps", "7", "--epochs", "2")[0]["max_steps"] == 7
 
@@ -216,7 +242,7 @@ def test_checkpoint_selection_on_dev_says_it_is_optimistic_and_without_dev_holds
     assert r["select"] == "dev" and r["heldout"] == 0 and "optimistic" in why["select"]
     r, why = recipe(n=2000, has_dev=False)
     assert r["select"] == "heldout" and r["heldout"] == 200 and "no dev set" in why["select"]
-    assert r["max_steps"] == 6 * 57             # the recipe counts the 1,800 that train: 57 steps an epoch
+    assert r["max_steps"] == 3 * 113            # the recipe counts the 1,800 that train: 113 steps of 16 an epoch
     assert recipe(n=50000, has_dev=False)[0]["heldout"] == 1000        # clamped
     assert recipe(n=1000, has_dev=False)[0]["heldout"] == 100
     r, why = recipe(n=150, has_dev=False)                                # too few to hold any out
@@ -228,8 +254,9 @@ def test_checkpoint_selection_on_dev_says_it_is_optimistic_and_without_dev_holds
 
 
 def test_evaluation_every_epoch_but_at_most_twenty_times():
-    assert recipe(n=2000)[0]["eval_every"] == 63
-    assert recipe(n=100)[0]["eval_every"] == 4
+    assert recipe(n=2000)[0]["eval_every"] == 125
+    assert recipe(n=8000)[0]["eval_every"] == 250
+    assert recipe(n=100)[0]["eval_every"] == 7
     assert recipe("--eval-every", "5")[0]["eval_every"] == 5
 
 
