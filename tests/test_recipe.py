@@ -48,7 +48,7 @@ def test_fresh_weights_are_recognised_as_not_pretrained():
 @pytest.mark.parametrize("width, pretrained, lr", [
     (128, True, 3e-4),    # BERT-Tiny's width: at 1e-4 a tiny pre-trained here barely leaves one class
     (384, True, 1e-4),    # MiniLM-L6: the plain transformers loop's 1e-4
-    (256, True, 1e-4),    # our mini
+    (256, True, 3e-4),    # our mini: our short pre-training wants larger steps than MiniLM's
     (768, True, 5e-5),    # BERT-base
     (1024, True, 2e-5),   # BERT-large
     (256, False, 3e-4),   # random weights must move far to leave one class
