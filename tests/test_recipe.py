@@ -107,6 +107,9 @@ def test_small_sets_train_in_batches_of_sixteen(n, flags, task, batch_size):
     r, why = recipe(*flags, n=n, task=task)
     assert r["batch_size"] == batch_size
     assert ("fewer than 4,000" in why["batch_size"]) == (batch_size == 16)
+
+
+def test_the_small_set_rule_counts_only_the_examples_that_train():
     assert recipe(n=4400, has_dev=False)[0]["batch_size"] == 16     # 440 held out: 3,960 train
 
 
