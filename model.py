@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from atomic import atomic_write
 from config import PRESETS
-from losses import cross_entropy
+from losses import binary_cross_entropy_with_logits, cross_entropy
 
 # -----------------------------------------------------------------------------------------------------
 # configuration
@@ -430,6 +430,59 @@ class LanguageModel(nn.Module):
         if targets is None:
             return logits
         return logits, cross_entropy(logits.reshape(targets.numel(), -1), targets.reshape(-1), reduction="sum")
+
+
+class ReplacedTokenDetection(nn.Module):
+    """ELECTRA pre-training (Clark et al. 2020): a small masked-LM *generator* fills the masked positions with
+    its own samples, and the *discriminator* -- the encoder kept for fine-tuning -- tells at every token
+    whether it is the original or a replacement. The discriminator learns from all T tokens of a window
+    instead of the ~15 % an MLM predicts, which is why ELECTRA needs far less compute for the same GLUE score.
+
+    The generator shares the discriminator's embeddings (token, position, type, their LayerNorm): the
+    generator's MLM loss is what trains them in ELECTRA, the discriminator's loss moves them little. ELECTRA
+    shrinks the generator's width (1/4 to 1/2); here it is shallower instead (`generator_layers`, a quarter of
+    the depth, at least 1), so the shared table needs no projection. A generator as strong as the
+    discriminator makes the task too hard (the paper's Figure 3).
+
+    forward(input_ids, labels, sample_generator) -> (generator logits (M, V), their targets (M,), summed MLM
+    loss, discriminator logits (B, T), 1 where replaced (B, T), summed BCE over every token)."""
+
+    def __init__(self, cfg: EncoderConfig, generator_layers: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.generator_layers = generator_layers or max(1, cfg.num_layers // 4)
+        if not 1 <= self.generator_layers <= cfg.num_layers:
+            raise ValueError(f"generator_layers {self.generator_layers}: expected 1..{cfg.num_layers} "
+                             "(the generator is at most as deep as the discriminator)")
+        self.init_kwargs = {"generator_layers": self.generator_layers}       # to rebuild it (Parallel.plain)
+        self.encoder = Encoder(cfg)                                           # the discriminator's encoder
+        self.rtd_head = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(),
+                                      nn.Linear(cfg.hidden_size, 1))          # one logit per token: replaced?
+        self.generator = LanguageModel(replace(cfg, num_layers=self.generator_layers, layer_heads=None))
+        self.apply(init_weights)
+        self.generator.encoder.embed = self.encoder.embed                    # shared embeddings, one tensor each
+        self.generator.lm_head.tok_embedding = [self.encoder.embed.tok]      # its decoder tied to the shared table
+
+    def forward(self, input_ids, labels, sample_generator=None):
+        # 1. the generator: its masked-LM loss on the masked positions, as LanguageModel takes it
+        flat = labels.reshape(-1)
+        positions = (flat != -100).nonzero().squeeze(1)                            # (M,)
+        targets = flat[positions]
+        gen_logits, gen_loss = self.generator(input_ids, positions=positions, targets=targets)   # (M, V), sum
+        # 2. its samples replace the masked tokens; no gradient flows through the sampling  [eq:rtd-sample]
+        with torch.no_grad():
+            probs = F.softmax(gen_logits.detach().float(), dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=sample_generator).squeeze(1)   # (M,)
+        original = torch.where(labels != -100, labels, input_ids)                   # (B, T) the uncorrupted text
+        corrupted = original.reshape(-1).clone()
+        corrupted[positions] = sampled
+        corrupted = corrupted.view_as(original)
+        # a sample that happens to be the original token counts as original (the paper's choice)
+        replaced = (corrupted != original).float()                                  # (B, T)
+        # 3. the discriminator: BCE over every token  [eq:rtd-loss]
+        logits = self.rtd_head(self.encoder(corrupted)).squeeze(-1)                 # (B, T)
+        rtd_loss = binary_cross_entropy_with_logits(logits, replaced, reduction="sum")
+        return gen_logits, targets, gen_loss, logits, replaced, rtd_loss
 
 
 class SequenceClassifier(nn.Module):

@@ -29,7 +29,13 @@ def parse_args(argv=None):
                    "from the Python documentation shipped with every Python)")
     p.add_argument("--eval-data", nargs="*", default=[], help="more prepared folders (same tokenizer) whose "
                    "val.bin is evaluated too, e.g. WikiText test prepared with --val-only")
-    p.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="masked or causal language modelling")
+    p.add_argument("--objective", choices=["mlm", "clm", "electra"], default="mlm", help="masked or causal language "
+                   "modelling, or ELECTRA's replaced-token detection (a small MLM generator, the encoder learns "
+                   "to spot its replacements at every token)")
+    p.add_argument("--generator-layers", type=int, default=None, metavar="N", help="ELECTRA: layers of the "
+                   "generator, which shares the encoder's embeddings (default a quarter of the encoder's, at least 1)")
+    p.add_argument("--rtd-weight", type=float, default=None, help="ELECTRA: lambda, the weight of the mean "
+                   "replaced-token-detection loss against the generator's mean MLM loss (default 50, the paper's)")
     p.add_argument("--init", metavar="DIR", help="continue pre-training a BERT-layout folder (a pretrain.py output, "
                    "all-MiniLM-L6-v2, ...) instead of starting from random weights: domain/task-adaptive pre-training. "
                    "--data must be prepared with its tokenizer (data/prepare.py --tokenizer DIR)")
@@ -76,6 +82,12 @@ def parse_args(argv=None):
         fail(f"--seq-len {args.seq_len}: expected at least 2")
     if args.eval_generate is not None and args.eval_generate and args.objective != "clm":
         fail(f"--eval-generate {args.eval_generate}: only a causal LM (--objective clm) continues text")
+    if args.objective != "electra" and (args.generator_layers is not None or args.rtd_weight is not None):
+        fail("--generator-layers and --rtd-weight are ELECTRA's: add --objective electra")
+    args.rtd_weight = 50.0 if args.rtd_weight is None else args.rtd_weight
+    if args.generator_layers is not None and args.generator_layers < 1 or not args.rtd_weight > 0:
+        fail(f"--generator-layers {args.generator_layers} --rtd-weight {args.rtd_weight}: expected at least 1 layer "
+             "and a positive weight")
     if args.eval_generate is None:
         args.eval_generate = min(16, args.seq_len // 2) if args.objective == "clm" else 0
     if not 0 <= 2 * args.eval_generate <= args.seq_len or args.eval_generate_windows < 1:
@@ -91,7 +103,7 @@ import numpy as np  # noqa: E402  (the heavy imports come after the command line
 import torch  # noqa: E402
 
 import trainer  # noqa: E402
-from model import EncoderConfig, LanguageModel, save_hf_bert  # noqa: E402
+from model import EncoderConfig, LanguageModel, ReplacedTokenDetection, save_hf_bert  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 # token shards: train.bin / val.bin are flat token streams, one [SEP] after every document
@@ -240,8 +252,11 @@ class PretrainData:
         else:
             inputs, labels = mask_tokens(tokens, generator, self.vocab_size, self.special_ids, self.mask_id,
                                          mask_rate or self.args.mask_rate)
-        return {"input_ids": inputs, "labels": labels, "num_targets": int((labels != -100).sum()),
-                "num_tokens": inputs.numel()}
+        batch = {"input_ids": inputs, "labels": labels, "num_targets": int((labels != -100).sum()),
+                 "num_tokens": inputs.numel()}
+        if self.args.objective == "electra":      # the seed of the generator's samples, drawn like the masks
+            batch["sample_seed"] = int(generator.integers(2**62))
+        return batch
 
     def micro_batch(self, step: int, index: int):
         g = batch_generator(self.args.seed, step, index)
@@ -278,8 +293,22 @@ def lm_forward(model, batch):
     return logits, targets, loss
 
 
+def electra_forward(model, batch):
+    """ReplacedTokenDetection's outputs for a batch; its generator samples from a source seeded by the batch,
+    so resume and DDP see the same replacements as one uninterrupted process."""
+    g = torch.Generator(device=batch["input_ids"].device).manual_seed(int(batch["sample_seed"]))
+    return model(batch["input_ids"], batch["labels"], g)
+
+
 def lm_loss(model, batch):
-    """The training loss: summed cross-entropy over the real targets (the trainer divides by their count)."""
+    """The training loss, summed over the batch (the trainer divides by the step's masked or next-token count).
+
+    ELECTRA: L = L_MLM / M + lambda * L_RTD / (B T), the generator's mean over the M masked tokens plus the
+    discriminator's mean over all B T tokens. With one divisor for the whole step (M, so accumulation and DDP
+    stay exact) the summed RTD loss is weighted by lambda * rate, rate = M / (B T) in expectation.  [eq:electra-loss]"""
+    if "rtd_scale" in batch:
+        out = electra_forward(model, batch)
+        return out[2] + batch["rtd_scale"] * out[5]
     return lm_forward(model, batch)[2]
 
 
@@ -290,6 +319,8 @@ def evaluate(model, batches, dist_env, prefix=""):
     For MLM it is the perplexity of the masked tokens given the rest, which is lower than a left-to-right
     perplexity and not comparable with it."""
     dev = next(model.parameters()).device
+    if batches and "rtd_scale" in batches[0]:
+        return evaluate_electra(model, batches, dist_env, prefix)
     totals = torch.zeros(3, dtype=torch.float64, device=dev)                   # loss sum, targets, correct
     for batch in batches:
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -300,6 +331,27 @@ def evaluate(model, batches, dist_env, prefix=""):
     dist_env.all_reduce_sum(totals)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50)), f"{prefix}accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
+
+
+def evaluate_electra(model, batches, dist_env, prefix=""):
+    """The generator's masked LM (loss, ppl, accuracy: a small generator's, not comparable with an MLM run's),
+    and the discriminator's mean BCE per token, its accuracy, and the share of the replaced tokens it flags."""
+    dev = next(model.parameters()).device
+    totals = torch.zeros(8, dtype=torch.float64, device=dev)
+    for batch in batches:
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        gen_logits, targets, gen_loss, logits, replaced, rtd_loss = electra_forward(model, batch)
+        flagged = (logits > 0).float()                                         # p(replaced) > 1/2
+        totals += torch.stack([gen_loss.float(), torch.tensor(float(targets.numel()), device=dev),
+                               (gen_logits.argmax(-1) == targets).sum().float(), rtd_loss.float(),
+                               torch.tensor(float(replaced.numel()), device=dev), (flagged == replaced).sum().float(),
+                               (flagged * replaced).sum(), replaced.sum()]).double()
+    dist_env.all_reduce_sum(totals)
+    mlm_sum, masked, mlm_right, bce_sum, tokens, rtd_right, caught, n_replaced = totals.tolist()
+    masked, tokens, n_replaced = max(masked, 1), max(tokens, 1), max(n_replaced, 1)
+    return {f"{prefix}loss": mlm_sum / masked, f"{prefix}ppl": math.exp(min(mlm_sum / masked, 50)),
+            f"{prefix}accuracy": mlm_right / masked, f"{prefix}rtd_loss": bce_sum / tokens,
+            f"{prefix}rtd_accuracy": rtd_right / tokens, f"{prefix}rtd_recall": caught / n_replaced}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -331,7 +383,7 @@ def init_from(folder: str, shards: "Shards", args) -> tuple[LanguageModel, str]:
     overrides = dict(attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout)
     head = "clm" if args.objective == "clm" else "mlm"
     try:
-        if any(k.startswith("cls.predictions.") for k in read_hf_weights(folder)):
+        if args.objective != "electra" and any(k.startswith("cls.predictions.") for k in read_hf_weights(folder)):
             model = from_hf_bert(folder, head=head, **overrides)
             return model, f"continued from {folder} (encoder and LM head)"
         encoder = from_hf_bert(folder, head=None, causal=args.objective == "clm", **overrides)
@@ -340,9 +392,25 @@ def init_from(folder: str, shards: "Shards", args) -> tuple[LanguageModel, str]:
     if encoder.config.vocab_size != ours.vocab_size:
         raise ValueError(f"--init {folder}: config.json says vocab_size {encoder.config.vocab_size} but its "
                          f"tokenizer has {ours.vocab_size} ids")
+    if args.objective == "electra":            # the folder's encoder is the discriminator; the rest starts fresh
+        model = build_model(encoder.config, args)
+        model.encoder.load_state_dict(encoder.state_dict())
+        return model, (f"continued from {folder} (its encoder is the discriminator; a new {model.generator_layers}-layer "
+                       "generator sharing its embeddings and a new detection head are initialised)")
     model = LanguageModel(encoder.config)          # a fresh LM head, decoder tied to the word embeddings
     model.encoder.load_state_dict(encoder.state_dict())
     return model, f"continued from {folder} (encoder; it has no LM head: a new one is initialised, tied to the word embeddings)"
+
+
+def build_model(cfg: EncoderConfig, args) -> torch.nn.Module:
+    """The model an objective trains: encoder + LM head, or ELECTRA's generator + discriminator around it."""
+    if args.objective != "electra":
+        return LanguageModel(cfg)
+    layers = args.generator_layers or max(1, cfg.num_layers // 4)
+    if layers > cfg.num_layers:
+        raise ValueError(f"--generator-layers {layers}: the encoder has {cfg.num_layers} layers; the generator "
+                         "must be smaller (ELECTRA: a quarter to a half of the discriminator)")
+    return ReplacedTokenDetection(cfg, layers)
 
 
 def main(argv=None, args=None):
@@ -378,7 +446,7 @@ def run(args, dist_env):
                                    embedding_norm=args.embedding_norm, causal=args.objective == "clm",
                                    attention=args.attention, dropout=args.dropout, attention_dropout=args.dropout,
                                    pad_id=tok.pad_id)
-        model, note = LanguageModel(cfg), f"{args.model} model from random weights"
+        model, note = build_model(cfg, args), f"{args.model} model from random weights"
     if args.seq_len > cfg.max_position:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max positions ({cfg.max_position})")
     specials = {tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id}
@@ -394,9 +462,14 @@ def run(args, dist_env):
     eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.data_rank, dist_env.data_world)])
                     for prefix, d in eval_sets]
 
+    tags = {"causal": causal}                 # the objective, for lm_loss and evaluate
+    if args.objective == "electra":
+        tags["rtd_scale"] = args.rtd_weight * args.mask_rate
+    eval_batches = [(prefix, [dict(b, **tags) for b in batches]) for prefix, batches in eval_batches]
+
     class Data:   # the training stream, tagged with the objective for lm_loss
         def micro_batch(self, step, index):
-            return dict(train_data.micro_batch(step, index), causal=causal)
+            return dict(train_data.micro_batch(step, index), **tags)
 
     ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
     if args.resume and (args.resume != "auto" or os.path.exists(ckpt_path)):
@@ -407,7 +480,7 @@ def run(args, dist_env):
             # a run started with --init (or another preset) resumes with its own architecture
             cfg = EncoderConfig.from_dict({**saved, "attention": args.attention, "dropout": args.dropout,
                                            "attention_dropout": args.dropout})
-            model, note = LanguageModel(cfg), f"the architecture saved in {ckpt_path}"
+            model, note = build_model(cfg, args), f"the architecture saved in {ckpt_path}"
         if saved is not None and saved != cfg.to_dict():
             raise ValueError(f"--resume {ckpt_path}: it was trained with another model config "
                              f"({', '.join(k for k in saved if saved[k] != cfg.to_dict().get(k))} differ)")
@@ -440,12 +513,18 @@ def run(args, dist_env):
         return out
 
     def on_save(m):
-        save_hf_bert(m, args.out, tok)
+        if args.objective == "electra":       # the discriminator's encoder is the model; checkpoint.pt keeps the rest
+            save_hf_bert(m.encoder, args.out, tok, extra_config={"architectures": ["BertModel"],
+                                                                 "plainbert_pretraining": "electra"})
+        else:
+            save_hf_bert(m, args.out, tok)
 
     result = trainer.train(model, lm_loss, Data(), args, dist_env, eval_fn=eval_fn, on_save=on_save,
                            extra_state={"model_config": cfg.to_dict()},
                            fingerprint={"objective": args.objective, "mask_rate": args.mask_rate, "data": shards.fingerprint(),
-                                        "freeze_embeddings": args.freeze_embeddings})
+                                        "freeze_embeddings": args.freeze_embeddings,
+                                        **({"generator_layers": model.generator_layers, "rtd_weight": args.rtd_weight}
+                                           if args.objective == "electra" else {})})
     if dist_env.is_main and not result["preempted"]:
         from plots import plot_metrics
         plot_metrics(args.out, title=f"{args.objective} pre-training: {note}")

@@ -366,7 +366,7 @@ class Parallel:
             return self.raw
         from torch.distributed.fsdp import FSDPModule
         cls = next(c for c in type(self.raw).__mro__ if not issubclass(c, FSDPModule))
-        clone = cls(self.raw.config)
+        clone = cls(self.raw.config, **getattr(self.raw, "init_kwargs", {}))   # ELECTRA: its generator depth
         clone.load_state_dict(state)
         return clone
 
