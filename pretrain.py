@@ -337,16 +337,15 @@ def evaluate_electra(model, batches, dist_env, prefix=""):
     """The generator's masked LM (loss, ppl, accuracy: a small generator's, not comparable with an MLM run's),
     and the discriminator's mean BCE per token, its accuracy, and the share of the replaced tokens it flags."""
     dev = next(model.parameters()).device
-    totals = torch.zeros(8, dtype=torch.float64, device=dev)
+    sums = [0.0] * 8
     for batch in batches:
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         gen_logits, targets, gen_loss, logits, replaced, rtd_loss = electra_forward(model, batch)
         flagged = (logits > 0).float()                                         # p(replaced) > 1/2
-        totals += torch.stack([gen_loss.float(), torch.tensor(float(targets.numel()), device=dev),
-                               (gen_logits.argmax(-1) == targets).sum().float(), rtd_loss.float(),
-                               torch.tensor(float(replaced.numel()), device=dev), (flagged == replaced).sum().float(),
-                               (flagged * replaced).sum(), replaced.sum()]).double()
-    dist_env.all_reduce_sum(totals)
+        now = (gen_loss, targets.numel(), (gen_logits.argmax(-1) == targets).sum(), rtd_loss, replaced.numel(),
+               (flagged == replaced).sum(), (flagged * replaced).sum(), replaced.sum())
+        sums = [s + float(x) for s, x in zip(sums, now)]
+    totals = dist_env.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=dev))
     mlm_sum, masked, mlm_right, bce_sum, tokens, rtd_right, caught, n_replaced = totals.tolist()
     masked, tokens, n_replaced = max(masked, 1), max(tokens, 1), max(n_replaced, 1)
     return {f"{prefix}loss": mlm_sum / masked, f"{prefix}ppl": math.exp(min(mlm_sum / masked, 50)),
@@ -406,11 +405,10 @@ def build_model(cfg: EncoderConfig, args) -> torch.nn.Module:
     """The model an objective trains: encoder + LM head, or ELECTRA's generator + discriminator around it."""
     if args.objective != "electra":
         return LanguageModel(cfg)
-    layers = args.generator_layers or max(1, cfg.num_layers // 4)
-    if layers > cfg.num_layers:
-        raise ValueError(f"--generator-layers {layers}: the encoder has {cfg.num_layers} layers; the generator "
-                         "must be smaller (ELECTRA: a quarter to a half of the discriminator)")
-    return ReplacedTokenDetection(cfg, layers)
+    if (args.generator_layers or 0) > cfg.num_layers:
+        raise ValueError(f"--generator-layers {args.generator_layers}: the encoder has {cfg.num_layers} layers; the "
+                         "generator must be smaller (ELECTRA: a quarter to a half of the discriminator)")
+    return ReplacedTokenDetection(cfg, args.generator_layers)
 
 
 def main(argv=None, args=None):
@@ -459,13 +457,11 @@ def run(args, dist_env):
         if extra.vocab_size != shards.vocab_size:
             raise ValueError(f"--eval-data {folder}: vocab_size {extra.vocab_size} differs from --data's {shards.vocab_size}")
         eval_sets.append((os.path.basename(os.path.normpath(folder)) + "/", make(extra.val)))
-    eval_batches = [(prefix, [dict(b, causal=causal) for b in d.eval_batches(args.eval_batches, dist_env.data_rank, dist_env.data_world)])
-                    for prefix, d in eval_sets]
-
     tags = {"causal": causal}                 # the objective, for lm_loss and evaluate
     if args.objective == "electra":
         tags["rtd_scale"] = args.rtd_weight * args.mask_rate
-    eval_batches = [(prefix, [dict(b, **tags) for b in batches]) for prefix, batches in eval_batches]
+    eval_batches = [(prefix, [dict(b, **tags) for b in d.eval_batches(args.eval_batches, dist_env.data_rank, dist_env.data_world)])
+                    for prefix, d in eval_sets]
 
     class Data:   # the training stream, tagged with the objective for lm_loss
         def micro_batch(self, step, index):

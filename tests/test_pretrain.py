@@ -618,8 +618,9 @@ def test_electra_ddp_two_ranks_equals_grad_accum_two_and_resume_is_exact(corpus,
 
 def test_electra_discriminator_learns_to_find_the_replaced_tokens(corpus):
     """Fitted to one batch of real text, the discriminator goes from coin flips (a fresh head's logits are
-    near 0) to catching the replaced tokens, and flagging almost no original. On a whole corpus this takes ~1,000 steps of 4k tokens
-    (docs/pretraining.md), too long for a test; one batch shows the gradient reaches the right place."""
+    near 0) to catching the replaced tokens, and flagging almost no original. On a whole corpus this takes
+    ~1,000 steps of 4k tokens (docs/pretraining.md), too long for a test; one batch shows the gradient
+    reaches the right place."""
     from model import EncoderConfig, ReplacedTokenDetection
     args, shards, batch = electra_batch(corpus, ["--batch-size", "8", "--seq-len", "64"])
     torch.manual_seed(0)
