@@ -12,12 +12,14 @@ seeded shuffle of the training file), several seeds each, the median reported:
   NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
   bow         bag-of-words logistic regression (baseline.py): convex, so one run per size
 It runs on any binary (or multi-class) task file that finetune.py reads. Every finished run is kept under
---out/runs, so an interrupted or extended curve only runs what is missing. Writes curve.json, curve.png
-and prints the table.
+--out/runs, so an interrupted or extended curve only runs what is missing; --jobs N runs N fine-tunes side
+by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json, curve.png and prints
+the table.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import pathlib
@@ -208,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per size (the median is reported)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="the one shuffle the nested subsets are cut from")
     p.add_argument("--out", default="out/curve")
+    p.add_argument("--jobs", type=int, default=1, help="fine-tunes run side by side, each its own process (a GPU "
+                   "holds several small models at once; on a CPU give each OMP_NUM_THREADS = cores / jobs)")
     p.add_argument("--collect-only", action="store_true", help="run nothing: table, curve.json and curve.png "
                    "from the runs already finished under --out (e.g. arms run with different --seeds)")
     g = p.add_argument_group("fine-tuning recipe (the same for every arm)")
@@ -240,6 +244,8 @@ def parse_args(argv=None):
         name, _, folder = item.partition("=")
         if not name or not (pathlib.Path(folder) / "config.json").is_file():
             p.error(f"--also {item}: expected NAME=DIR with DIR a BERT-layout folder holding config.json")
+    if a.jobs < 1:
+        p.error(f"--jobs {a.jobs}: must be at least 1")
     for s in a.sizes:
         if s != "all" and (not s.isdigit() or int(s) < 1):
             p.error(f"--sizes: {s!r} is neither a positive count nor 'all'")
@@ -283,6 +289,7 @@ def main(argv=None):
         results[arm][str(size)] = [r for r in results[arm][str(size)] if r.get("seed") != extra.get("seed")]
         results[arm][str(size)].append({"accuracy": metrics_["dev"]["accuracy"] if "dev" in metrics_ else metrics_["accuracy"],
                                         **extra})
+        results[arm][str(size)].sort(key=lambda r: r["seed"])     # --jobs: runs end in any order
         save()
 
     def save():
@@ -290,6 +297,7 @@ def main(argv=None):
         (out / "curve.json").write_text(json.dumps({"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
                                                     "table": table, "runs": results}, indent=1))
 
+    pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, steps, lr)
     for size in a.sizes:
         n = counts[size]
         if "bow" in arms:
@@ -306,17 +314,40 @@ def main(argv=None):
                 folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
                 if (folder / "metrics.json").is_file():
                     m = json.loads((folder / "metrics.json").read_text())
-                elif a.collect_only:
-                    continue
-                else:
+                    record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
+                elif not a.collect_only:
                     start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
-                    t0 = time.time()
-                    m = fine_tune(start, subsets[n], a.dev, seed, steps, lr, folder, a)
-                    print(f"{arm:20} N={n:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
-                          f"({steps} steps, {time.time() - t0:.0f} s)", flush=True)
-                    for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
-                        (folder / big).unlink(missing_ok=True)
+                    pending.append((arm, size, seed, folder, start, steps, lr))
+
+    def fine_tune_one(job):
+        arm, size, seed, folder, start, steps, lr = job
+        t0 = time.time()
+        m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a)
+        print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
+              f"({steps} steps, {time.time() - t0:.0f} s)", flush=True)
+        for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
+            (folder / big).unlink(missing_ok=True)
+        return m
+
+    # --jobs processes side by side, each run recorded as it ends. Only this thread hands out runs, so after a
+    # failure no new run starts: the running ones finish (and are kept), then the curve stops with the failure.
+    failure, queue, running = None, list(pending), {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        while running or (queue and failure is None):
+            while queue and failure is None and len(running) < a.jobs:
+                job = queue.pop(0)
+                running[pool.submit(fine_tune_one, job)] = job
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                arm, size, seed, _, _, steps, _ = running.pop(future)
+                try:
+                    m = future.result()
+                except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines
+                    failure = failure or e
+                    continue
                 record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
+    if failure is not None:
+        raise failure
     table = summarise(results, order, a.sizes)
     labels = {s: (f"all ({counts[s]:,})" if s == "all" else f"{counts[s]:,}") for s in a.sizes}
     print(format_curve(table, a.sizes, labels))

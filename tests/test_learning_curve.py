@@ -61,6 +61,57 @@ def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == before
 
 
+def test_jobs_two_gives_the_runs_of_jobs_one(tiny_init, tmp_path):
+    """--jobs 2: the same fine-tunes, two processes at a time, the same accuracies run for run."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    common = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "random",
+              "--sizes", "all", "--seeds", "2", "--min-steps", "3", "--max-steps", "3"]
+    runs = {}
+    for jobs in (1, 2):
+        lc.main(common + ["--jobs", str(jobs), "--out", str(tmp_path / f"jobs{jobs}")])
+        runs[jobs] = json.loads((tmp_path / f"jobs{jobs}" / "curve.json").read_text())["runs"]
+    assert runs[2] == runs[1] and [r["seed"] for r in runs[2]["random"]["all"]] == [1, 2]
+
+
+def test_jobs_run_side_by_side_and_a_failure_keeps_the_runs_that_finished(tiny_init, tmp_path, monkeypatch):
+    import threading
+    import time
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    lock, running, peak, started = threading.Lock(), [0], [0], []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, fail_seed=None):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started.append(seed)
+        if seed == fail_seed:                       # at once, while the runs beside it are still going
+            with lock:
+                running[0] -= 1
+            raise SystemExit(f"error: finetune.py ... failed (exit 1); the end of {out / 'log.txt'}")
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": seed / 10}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    common = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "pretrained",
+              "--sizes", "all", "--seeds", "6", "--jobs", "3"]
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    table = lc.main(common + ["--out", str(tmp_path / "ok")])
+    assert peak[0] == 3 and sorted(started) == [1, 2, 3, 4, 5, 6]
+    assert table["pretrained"]["all"]["runs"] == pytest.approx([10, 20, 30, 40, 50, 60])    # in seed order
+    # seed 2 fails: the runs beside it finish and are kept, no run waits for a slot after it, the curve stops
+    started.clear()
+    monkeypatch.setattr(lc, "fine_tune", lambda *args: fake_fine_tune(*args, fail_seed=2))
+    with pytest.raises(SystemExit, match="finetune.py ... failed"):
+        lc.main(common + ["--out", str(tmp_path / "failed")])
+    assert sorted(started) == [1, 2, 3]
+    kept = json.loads((tmp_path / "failed" / "curve.json").read_text())["runs"]["pretrained"]["all"]
+    assert [r["seed"] for r in kept] == [1, 3]
+
+
 def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
