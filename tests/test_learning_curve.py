@@ -187,3 +187,39 @@ def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_ag
     assert "resumed from" in (out / "mlm-2.log").read_text()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors") if "mlm-2" not in str(p)} == \
         {p: t for p, t in stamps.items() if "mlm-2" not in str(p)}
+
+
+def test_the_gpu_script_sizes_the_run_to_its_minutes_and_a_second_run_trains_nothing_again(tmp_path):
+    """scripts/gpu_transfer.sh at a tiny size on the CPU: shards, a 60-step trial, a masked-LM run whose step
+    count comes from the trial's speed and MINUTES, then random / pretrained / + TAPT / bag-of-words."""
+    from data.tasks import sample_binary
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "text").mkdir()
+    for k in range(60):
+        (tmp_path / "text" / f"r{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=k)))
+    train, dev = write_sample_binary(tmp_path / "task", n_train=80, n_dev=40)
+    out = tmp_path / "out"
+    env = dict(os.environ, TEXT=str(tmp_path / "text"), HELDOUT="", DATA=str(tmp_path / "shards"), VOCAB="120",
+               MODEL="tiny", MINUTES="0.1", BATCH="4", SEQ_LEN="32", AMP="none", TRAIN=str(train), DEV=str(dev),
+               SIZES="40", SEEDS="1", JOBS="2", TAPT_STEPS="2", TAPT_SEQ_LEN="16", FT_MIN_STEPS="3", FT_MAX_STEPS="3")
+
+    def run():
+        done = subprocess.run(["bash", str(root / "scripts" / "gpu_transfer.sh"), str(out)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = run()
+    planned = int(first.split("minutes at the trial's speed: ")[1].split(" steps")[0])
+    speed = [json.loads(line) for line in (out / "trial" / "metrics.jsonl").read_text().splitlines()
+             if "tokens_per_s" in line][-1]["tokens_per_s"]
+    assert planned == max(10, int(0.88 * 0.1 * 60 * speed / (4 * 32)))
+    steps = [json.loads(line)["step"] for line in (out / "mlm" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == planned, "the run takes the planned steps, its decay ending there"
+    curve = json.loads((out / "curve" / "curve.json").read_text())
+    assert set(curve["runs"]) == {"random", "pretrained", "pretrained + TAPT", "bow"}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")}
+    second = run()
+    assert "trial" not in second and {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")
+                                      if "curve.json" not in p.name} == \
+        {p: t for p, t in stamps.items() if "curve.json" not in p.name}
