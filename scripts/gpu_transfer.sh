@@ -15,13 +15,8 @@
 # the test does at a tiny size, but the point of it is the tokens a GPU gives in minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-out/gpu-transfer}
 SHARED=${PLAINBERT_DATA:-../shared/data}
-TEXT=${TEXT:-"$SHARED/wiki/text $SHARED/books"}
-HELDOUT=${HELDOUT-"$SHARED/wikitext/wiki.test.raw"}       # "": none
-DATA=${DATA:-data/wiki}
-HELDOUT_DATA=${HELDOUT_DATA:-data/wikitext-test}
-VOCAB=${VOCAB:-8192}
+OUT=${1:-out/gpu-transfer}
 MODEL=${MODEL:-mini}
 MINUTES=${MINUTES:-6}
 BATCH=${BATCH:-512}
@@ -38,17 +33,9 @@ TAPT_SEQ_LEN=${TAPT_SEQ_LEN:-128}
 FT_MIN_STEPS=${FT_MIN_STEPS:-300}
 FT_MAX_STEPS=${FT_MAX_STEPS:-1000}
 mkdir -p "$OUT"
-say() { echo "== $(date +%H:%M:%S) $*"; }
 
-# 1. shards, skipped when already prepared
-# shellcheck disable=SC2086   # TEXT is a list of paths
-[ -f "$DATA/meta.json" ] || { say "prepare $TEXT -> $DATA"; python data/prepare.py --input $TEXT --out "$DATA" --vocab-size "$VOCAB"; }
-EVAL=()
-if [ -n "$HELDOUT" ]; then
-    [ -f "$HELDOUT_DATA/meta.json" ] || { say "prepare $HELDOUT -> $HELDOUT_DATA";
-        python data/prepare.py --input "$HELDOUT" --out "$HELDOUT_DATA" --val-only --tokenizer "$DATA"; }
-    EVAL=(--eval-data "$HELDOUT_DATA")
-fi
+# 1. shards and the held-out text (scripts/shards.sh)
+source scripts/shards.sh
 
 RECIPE=(--data "$DATA" --model "$MODEL" --norm pre --embedding-norm --dropout 0 --mask-rate 0.25 --seq-len "$SEQ_LEN"
         --batch-size "$BATCH" --lr "$LR" --warmup 0.06 --amp "$AMP" --no-progress)

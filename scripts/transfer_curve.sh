@@ -23,13 +23,8 @@
 #   STEPS1=20000 STEPS2=10000 BATCH=128 SIZES="500 1000 4000 16000 all" bash scripts/transfer_curve.sh out/gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-out/transfer}
 SHARED=${PLAINBERT_DATA:-../shared/data}
-TEXT=${TEXT:-"$SHARED/wiki/text $SHARED/books"}          # raw text: files or folders (data/prepare.py --input)
-HELDOUT=${HELDOUT-"$SHARED/wikitext/wiki.test.raw"}       # held-out text scored at every evaluation ("": none)
-DATA=${DATA:-data/wiki}                                   # shards of TEXT (reused when already prepared)
-HELDOUT_DATA=${HELDOUT_DATA:-data/wikitext-test}
-VOCAB=${VOCAB:-8192}
+OUT=${1:-out/transfer}
 MODEL=${MODEL:-mini}
 STEPS1=${STEPS1:-2000}
 STEPS2=${STEPS2:-1000}
@@ -43,17 +38,9 @@ FT_MIN_STEPS=${FT_MIN_STEPS:-300}
 FT_MAX_STEPS=${FT_MAX_STEPS:-1000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-say() { echo "== $(date +%H:%M:%S) $*"; }
 
-# 1. shards, skipped when $DATA already holds them (e.g. the README's documented run prepared data/wiki)
-# shellcheck disable=SC2086   # TEXT is a list of paths
-[ -f "$DATA/meta.json" ] || { say "prepare $TEXT -> $DATA"; python data/prepare.py --input $TEXT --out "$DATA" --vocab-size "$VOCAB"; }
-EVAL=()
-if [ -n "$HELDOUT" ]; then
-    [ -f "$HELDOUT_DATA/meta.json" ] || { say "prepare $HELDOUT -> $HELDOUT_DATA";
-        python data/prepare.py --input "$HELDOUT" --out "$HELDOUT_DATA" --val-only --tokenizer "$DATA"; }
-    EVAL=(--eval-data "$HELDOUT_DATA")
-fi
+# 1. shards and the held-out text (scripts/shards.sh)
+source scripts/shards.sh
 
 # 2. word vectors (a minute or two: redone from the start if a previous run stopped inside it)
 if [ ! -f "$OUT/wv.done" ]; then

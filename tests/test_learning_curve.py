@@ -145,27 +145,34 @@ def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tmp_
     assert calls == ["prepare.py", "pretrain.py"] * 2
 
 
+def script_at_tiny_size(name, tmp_path, out, **settings):
+    """A runner of scripts/NAME at a tiny size: 60 one-document files of the sample's sentences as the raw
+    text, a 120-piece vocabulary, tiny at 4 x 32 tokens, the sample task, one seed of 3 steps at size 40."""
+    from data.tasks import sample_binary
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "text").mkdir()
+    for k in range(60):
+        (tmp_path / "text" / f"r{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=k)))
+    train, dev = write_sample_binary(tmp_path / "task", n_train=80, n_dev=40)
+    env = dict(os.environ, TEXT=str(tmp_path / "text"), HELDOUT="", DATA=str(tmp_path / "shards"), VOCAB="120",
+               MODEL="tiny", BATCH="4", SEQ_LEN="32", TRAIN=str(train), DEV=str(dev), SIZES="40", SEEDS="1",
+               FT_MIN_STEPS="3", FT_MAX_STEPS="3", **settings)
+
+    def run():
+        done = subprocess.run(["bash", str(root / "scripts" / name), str(out)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+    return run
+
+
 def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_again(tmp_path):
     """scripts/transfer_curve.sh, issue #10's pipeline in one command, at a tiny size: shards, word vectors,
     two masked-LM cycles on the frozen table, the learning curve. A cycle stopped after its checkpoint resumes
     it; a finished stage is skipped."""
-    from data.tasks import sample_binary
     from model import from_hf_bert
-    root = pathlib.Path(__file__).resolve().parents[1]
-    (tmp_path / "text").mkdir()
-    for k in range(60):                                   # one document a file
-        (tmp_path / "text" / f"r{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=k)))
-    train, dev = write_sample_binary(tmp_path / "task", n_train=80, n_dev=40)
     out = tmp_path / "out"
-    env = dict(os.environ, TEXT=str(tmp_path / "text"), HELDOUT="", DATA=str(tmp_path / "shards"), VOCAB="120",
-               MODEL="tiny", STEPS1="3", STEPS2="2", BATCH="4", SEQ_LEN="32", TRAIN=str(train), DEV=str(dev),
-               SIZES="40", SEEDS="1", FT_MIN_STEPS="3", FT_MAX_STEPS="3")
-
-    def run():
-        done = subprocess.run(["bash", str(root / "scripts" / "transfer_curve.sh"), str(out)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
+    run = script_at_tiny_size("transfer_curve.sh", tmp_path, out, STEPS1="3", STEPS2="2")
 
     first = run()
     assert "word vectors" in first and "masked LM" in first
@@ -192,22 +199,9 @@ def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_ag
 def test_the_gpu_script_sizes_the_run_to_its_minutes_and_a_second_run_trains_nothing_again(tmp_path):
     """scripts/gpu_transfer.sh at a tiny size on the CPU: shards, a 60-step trial, a masked-LM run whose step
     count comes from the trial's speed and MINUTES, then random / pretrained / + TAPT / bag-of-words."""
-    from data.tasks import sample_binary
-    root = pathlib.Path(__file__).resolve().parents[1]
-    (tmp_path / "text").mkdir()
-    for k in range(60):
-        (tmp_path / "text" / f"r{k}.txt").write_text(" ".join(t for t, _ in sample_binary(40, seed=k)))
-    train, dev = write_sample_binary(tmp_path / "task", n_train=80, n_dev=40)
     out = tmp_path / "out"
-    env = dict(os.environ, TEXT=str(tmp_path / "text"), HELDOUT="", DATA=str(tmp_path / "shards"), VOCAB="120",
-               MODEL="tiny", MINUTES="0.1", BATCH="4", SEQ_LEN="32", AMP="none", TRAIN=str(train), DEV=str(dev),
-               SIZES="40", SEEDS="1", JOBS="2", TAPT_STEPS="2", TAPT_SEQ_LEN="16", FT_MIN_STEPS="3", FT_MAX_STEPS="3")
-
-    def run():
-        done = subprocess.run(["bash", str(root / "scripts" / "gpu_transfer.sh"), str(out)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
+    run = script_at_tiny_size("gpu_transfer.sh", tmp_path, out, MINUTES="0.1", AMP="none", JOBS="2", TAPT_STEPS="2",
+                              TAPT_SEQ_LEN="16")
 
     first = run()
     planned = int(first.split("minutes at the trial's speed: ")[1].split(" steps")[0])
