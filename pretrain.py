@@ -241,12 +241,15 @@ class PretrainData:
         if len(stream) <= self.body:
             raise ValueError(f"--seq-len {args.seq_len}: the token stream has only {len(stream)} tokens")
 
-    def window(self, start: int) -> torch.Tensor:
-        body = torch.from_numpy(self.stream[start:start + self.body].astype(np.int64))
-        return torch.cat([torch.tensor([self.cls_id]), body])
+    def windows(self, starts) -> torch.Tensor:
+        """(B,) offsets -> (B, T) or (B, T+1): [CLS] then the stream from each offset, gathered in one indexing
+        op (a Python loop over the windows was a quarter of a GPU step at 512 of them)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        body = self.stream[starts[:, None] + np.arange(self.body)].astype(np.int64)       # (B, body)
+        return torch.from_numpy(np.concatenate([np.full((len(starts), 1), self.cls_id), body], axis=1))
 
     def make_batch(self, starts, generator, mask_rate=None):
-        tokens = torch.stack([self.window(int(s)) for s in starts])            # (B, T) or (B, T+1)
+        tokens = self.windows(starts)                                          # (B, T) or (B, T+1)
         if self.args.objective == "clm":
             inputs, labels = tokens[:, :-1], tokens[:, 1:]                     # predict the next token
         else:

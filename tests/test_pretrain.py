@@ -104,6 +104,18 @@ def test_micro_batch_is_a_pure_function_of_step_and_index(corpus):
     assert (a["input_ids"][:, 0] == 2).all()                              # every window starts with [CLS]
 
 
+def test_windows_are_cls_then_the_stream_from_each_offset(corpus):
+    for objective, length in (("mlm", 16), ("clm", 17)):                  # CLM reads one more: the last target
+        args = pretrain.parse_args(["--data", str(corpus / "data"), *TINY, "--seq-len", "16", "--objective", objective])
+        shards = pretrain.Shards(args.data)
+        data = pretrain.PretrainData(shards.train, args, {0, 1, 2, 3, 4}, 2, 4, shards.vocab_size)
+        starts = torch.tensor([0, 5, len(shards.train) - length + 1])   # the last offset a window fits at
+        windows = data.windows(starts)
+        assert windows.shape == (3, length) and windows.dtype == torch.int64
+        for row, start in zip(windows, starts.tolist()):
+            assert row[0] == 2 and row[1:].tolist() == shards.train[start:start + length - 1].tolist()
+
+
 def test_seed_changes_the_batches_and_the_same_seed_repeats_them(corpus):
     """--seed must matter: two seeds draw different windows and masks; one seed draws the same ones again.
     (A torch.Generator keeps 32 bits of its seed: packing seed << 40 into it made every seed alike.)"""
