@@ -7,6 +7,16 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A test that runs a script in-process (export.py, serve.py and bench.py set torch's thread count) must
+    not change it for the tests after it: float sums, and so borderline results, depend on it."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 def data_dir() -> pathlib.Path:
     """The shared real-data folder: $PLAINBERT_DATA, else ../shared/data beside the checkout.
 
