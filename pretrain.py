@@ -243,7 +243,7 @@ class PretrainData:
 
     def windows(self, starts) -> torch.Tensor:
         """(B,) offsets -> (B, T) or (B, T+1): [CLS] then the stream from each offset, gathered in one indexing
-        op (a Python loop over the windows was a quarter of a GPU step at 512 of them)."""
+        op (a Python loop over 512 windows took 5.5 ms, made on the CPU between GPU steps)."""
         starts = np.asarray(starts, dtype=np.int64)
         body = self.stream[starts[:, None] + np.arange(self.body)].astype(np.int64)       # (B, body)
         return torch.from_numpy(np.concatenate([np.full((len(starts), 1), self.cls_id), body], axis=1))

@@ -17,6 +17,7 @@ def keep_torch_threads():
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
+
 def data_dir() -> pathlib.Path:
     """The shared real-data folder: $PLAINBERT_DATA, else ../shared/data beside the checkout.
 
