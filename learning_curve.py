@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures
 import json
 import math
+import os
 import pathlib
 import statistics
 import subprocess
@@ -48,15 +49,25 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
            "--clip", str(a.clip), "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
-    return run_logged(cmd, out, out / "metrics.json")
+    return run_logged(cmd, out, out / "metrics.json", threads=getattr(a, "threads", None))
 
 
-def run_logged(cmd, out: pathlib.Path, result: pathlib.Path) -> dict:
+def threads_per_job(jobs: int, environ, cpus: int | None) -> str | None:
+    """OMP_NUM_THREADS for each fine-tune when --jobs runs several at once: the cores shared out between them
+    (each torch process otherwise takes every core, and N of them fight over the same ones); None when one
+    job runs or the caller already set OMP_NUM_THREADS."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in environ:
+        return None
+    return str(max(1, (cpus or 1) // jobs))
+
+
+def run_logged(cmd, out: pathlib.Path, result: pathlib.Path, threads: str | None = None) -> dict:
     """Run one job as a subprocess (a fresh process each: no state leaks from one run into the next), its
     output to out/log.txt; return its result file, or stop the whole curve with the job's last lines."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": threads}
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if code != 0:
         tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
         sys.exit(f"error: {' '.join(cmd[1:3])} ... failed (exit {code}); the end of {out / 'log.txt'}:\n  "
@@ -211,7 +222,7 @@ def parse_args(argv=None):
     p.add_argument("--shuffle-seed", type=int, default=0, help="the one shuffle the nested subsets are cut from")
     p.add_argument("--out", default="out/curve")
     p.add_argument("--jobs", type=int, default=1, help="fine-tunes run side by side, each its own process (a GPU "
-                   "holds several small models at once; on a CPU give each OMP_NUM_THREADS = cores / jobs)")
+                   "holds several small models at once; on a CPU each gets OMP_NUM_THREADS = cores / jobs unless it is set)")
     p.add_argument("--collect-only", action="store_true", help="run nothing: table, curve.json and curve.png "
                    "from the runs already finished under --out (e.g. arms run with different --seeds)")
     g = p.add_argument_group("fine-tuning recipe (the same for every arm)")
@@ -255,6 +266,9 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    a.threads = threads_per_job(a.jobs, os.environ, os.cpu_count())
+    if a.threads is not None:
+        print(f"--jobs {a.jobs} on {os.cpu_count()} cores: OMP_NUM_THREADS={a.threads} for each fine-tune")
     from data.tasks import TaskDataError, read_examples
     try:
         examples = read_examples([a.train])

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,3 +218,18 @@ def test_the_gpu_script_sizes_the_run_to_its_minutes_and_a_second_run_trains_not
     assert "trial" not in second and {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")
                                       if "curve.json" not in p.name} == \
         {p: t for p, t in stamps.items() if "curve.json" not in p.name}
+
+
+def test_jobs_share_the_cores_between_them_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    """N fine-tunes side by side on a CPU: each gets cores / N threads (at least one), not every core."""
+    assert lc.threads_per_job(2, {}, 2) == "1" and lc.threads_per_job(3, {}, 16) == "5"
+    assert lc.threads_per_job(4, {}, 2) == "1"
+    assert lc.threads_per_job(1, {}, 16) is None                          # one job: torch's own choice
+    assert lc.threads_per_job(2, {"OMP_NUM_THREADS": "4"}, 16) is None    # the caller's choice stands
+    # the subprocess sees it; the calling process's environment is left as it was
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result = tmp_path / "env.json"
+    child = ("import json, os, sys; json.dump({'threads': os.environ.get('OMP_NUM_THREADS')}, "
+             "open(sys.argv[1], 'w'))")
+    assert lc.run_logged([sys.executable, "-c", child, str(result)], tmp_path, result, threads="3") == {"threads": "3"}
+    assert "OMP_NUM_THREADS" not in os.environ
