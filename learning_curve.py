@@ -49,7 +49,7 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
            "--clip", str(a.clip), "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
-    return run_logged(cmd, out, out / "metrics.json", threads=getattr(a, "threads", None))
+    return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
 
 
 def threads_per_job(jobs: int, environ, cpus: int | None) -> str | None:
@@ -65,8 +65,8 @@ def run_logged(cmd, out: pathlib.Path, result: pathlib.Path, threads: str | None
     """Run one job as a subprocess (a fresh process each: no state leaks from one run into the next), its
     output to out/log.txt; return its result file, or stop the whole curve with the job's last lines."""
     out.mkdir(parents=True, exist_ok=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": threads}
     with open(out / "log.txt", "w") as log:
-        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": threads}
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if code != 0:
         tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
