@@ -12,18 +12,21 @@ seeded shuffle of the training file), several seeds each, the median reported:
   NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
   bow         bag-of-words logistic regression (baseline.py): convex, so one run per size
 It runs on any binary (or multi-class) task file that finetune.py reads. Every finished run is kept under
---out/runs, so an interrupted or extended curve only runs what is missing; --jobs N runs N fine-tunes side
-by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json, curve.png and prints
-the table.
+--out/runs with the settings it was made with, so an interrupted or extended curve only runs what is missing
+(a run made with other fine-tuning settings, e.g. another --max-steps, is run again); --jobs N runs N
+fine-tunes side by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json,
+curve.png and prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +53,15 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
            "--clip", str(a.clip), "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
+
+
+def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a) -> dict:
+    """Everything that makes one fine-tune what it is. A finished run under --out/runs is reused only when all
+    of it matches: otherwise a run of another recipe (another --max-steps, --lr, subset ...) would stand in
+    for this one with nothing to say so."""
+    return {"init": init, "subset_sha256": hashlib.sha256(subset.read_bytes()).hexdigest(), "dev": list(a.dev),
+            "task": a.task, "seed": seed, "steps": steps, "lr": lr, "batch_size": a.batch_size,
+            "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, "pooling": a.pooling}
 
 
 def threads_per_job(jobs: int, environ, cpus: int | None) -> str | None:
@@ -99,13 +111,17 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
     return paths
 
 
+def tapt_settings(pretrained: str, a) -> dict:
+    return {"init": pretrained, "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
+            "mask_rate": a.tapt_mask_rate}
+
+
 def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib.Path, a) -> str:
     """More MLM on the task's own training text, labels dropped: prepare it with the pre-trained folder's
     tokenizer, then pretrain.py --init. Done once; reused by every size and seed."""
     model_dir = folder / "model"
     # every setting that changes the TAPT model: a cached one made with other settings is redone, not reused
-    settings = {"init": pretrained, "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
-                "mask_rate": a.tapt_mask_rate}
+    settings = tapt_settings(pretrained, a)
     if (model_dir / "config.json").is_file() and (model_dir / "checkpoint.pt").is_file():
         done = json.loads((model_dir / "tapt.json").read_text()) if (model_dir / "tapt.json").is_file() else {}
         if {k: done.get(k) for k in settings} == settings:
@@ -120,7 +136,6 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
                 "--tokenizer", pretrained, "--min-chars", "1", "--val-fraction", "0.02", "--workers", "1", "--quiet"],
                folder / "prepare", folder / "shards" / "meta.json")
     if model_dir.exists():
-        import shutil
         shutil.rmtree(model_dir)
     t0 = time.time()
     run_logged([python, str(ROOT / "pretrain.py"), "--init", pretrained, "--data", str(folder / "shards"),
@@ -326,17 +341,29 @@ def main(argv=None):
         for seed in range(1, a.seeds + 1):
             for arm, init, lr in runs:
                 folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
+                label = {"random": f"random copy of {a.pretrained}",
+                         "pretrained + TAPT": f"{init} {json.dumps(tapt_settings(a.pretrained, a))}"}.get(arm, init)
+                settings = run_settings(label, subsets[n], seed, steps, lr, a)
                 if (folder / "metrics.json").is_file():
-                    m = json.loads((folder / "metrics.json").read_text())
-                    record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
-                elif not a.collect_only:
+                    made_with = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+                    if made_with == settings:
+                        m = json.loads((folder / "metrics.json").read_text())
+                        record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
+                        continue
+                    differ = sorted(k for k in settings if made_with.get(k) != settings[k])
+                    print(f"{folder}: made with other fine-tuning settings ({', '.join(differ)}): "
+                          + ("left out" if a.collect_only else "run again"))
+                if not a.collect_only:
                     start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
-                    pending.append((arm, size, seed, folder, start, steps, lr))
+                    pending.append((arm, size, seed, folder, start, steps, lr, settings))
 
     def fine_tune_one(job):
-        arm, size, seed, folder, start, steps, lr = job
+        arm, size, seed, folder, start, steps, lr, settings = job
+        if folder.exists():                 # a run of other settings: nothing of it is kept
+            shutil.rmtree(folder)
         t0 = time.time()
         m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a)
+        (folder / "run.json").write_text(json.dumps(settings, indent=1))
         print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
               f"({steps} steps, {time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
@@ -353,7 +380,7 @@ def main(argv=None):
                 running[pool.submit(fine_tune_one, job)] = job
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                arm, size, seed, _, _, steps, _ = running.pop(future)
+                arm, size, seed, _, _, steps, _, _ = running.pop(future)
                 try:
                     m = future.result()
                 except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines

@@ -113,6 +113,33 @@ def test_jobs_run_side_by_side_and_a_failure_keeps_the_runs_that_finished(tiny_i
     assert [r["seed"] for r in kept] == [1, 3]
 
 
+def test_a_finished_run_is_reused_only_when_its_fine_tuning_settings_match(tiny_init, tmp_path, monkeypatch,
+                                                                          capsys):
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    calls = []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+        calls.append((seed, steps, lr))
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": steps / 100}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    common = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "pretrained",
+              "--sizes", "all", "--seeds", "2", "--min-steps", "3", "--out", str(tmp_path / "curve")]
+    lc.main(common + ["--max-steps", "3"])
+    assert calls == [(1, 3, 1e-4), (2, 3, 1e-4)]
+    lc.main(common + ["--max-steps", "3"])                      # the same recipe: nothing runs again
+    assert len(calls) == 2
+    table = lc.main(common + ["--max-steps", "5"])              # another step budget: both seeds run again
+    assert calls[2:] == [(1, 5, 1e-4), (2, 5, 1e-4)] and table["pretrained"]["all"]["median"] == pytest.approx(5)
+    assert "made with other fine-tuning settings (steps): run again" in capsys.readouterr().out
+    # --collect-only never passes off a run of other settings as this recipe's: it is left out, and said so
+    table = lc.main(common + ["--max-steps", "5", "--lr", "3e-4", "--collect-only"])
+    assert len(calls) == 4 and not table.get("pretrained")
+    assert "made with other fine-tuning settings (lr): left out" in capsys.readouterr().out
+
+
 def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
