@@ -102,11 +102,12 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
     paths = {}
     for n in sizes:
         path = folder / f"train_{n}.tsv"
-        if not path.is_file():
-            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                f.write("sentence\tlabel\n" if examples.pairs is None else "sentence1\tsentence2\tlabel\n")
-                for i in order[:n]:
-                    f.write("\t".join(clean(c[i]) for c in columns) + "\n")
+        text = ("sentence\tlabel\n" if examples.pairs is None else "sentence1\tsentence2\tlabel\n") + "".join(
+            "\t".join(clean(c[i]) for c in columns) + "\n" for i in order[:n])
+        # rewritten when another --train or --shuffle-seed gives other rows: a stale subset is never reused
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            with atomic_write(path) as tmp:
+                pathlib.Path(tmp).write_text(text, encoding="utf-8")
         paths[n] = path
     return paths
 

@@ -24,6 +24,8 @@ def test_subsets_are_nested_and_fixed_by_the_shuffle_seed(tmp_path):
     again = lc.write_subsets(ex, [50], tmp_path / "b", shuffle_seed=0)[50].read_text()
     other = lc.write_subsets(ex, [50], tmp_path / "c", shuffle_seed=1)[50].read_text()
     assert again == paths[50].read_text() and other != again
+    # the same folder with another shuffle: the subset is rewritten, not reused by its name
+    assert lc.write_subsets(ex, [50], tmp_path / "b", shuffle_seed=1)[50].read_text() == other
 
 
 def test_fine_tune_steps_take_epochs_within_the_floor_and_the_cap():
