@@ -112,6 +112,11 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
     return paths
 
 
+def saved_settings(path: pathlib.Path) -> dict:
+    """The settings a cached model or run was made with ({} when it kept none)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def tapt_settings(pretrained: str, a) -> dict:
     return {"init": pretrained, "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
             "mask_rate": a.tapt_mask_rate}
@@ -124,7 +129,7 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
     # every setting that changes the TAPT model: a cached one made with other settings is redone, not reused
     settings = tapt_settings(pretrained, a)
     if (model_dir / "config.json").is_file() and (model_dir / "checkpoint.pt").is_file():
-        done = json.loads((model_dir / "tapt.json").read_text()) if (model_dir / "tapt.json").is_file() else {}
+        done = saved_settings(model_dir / "tapt.json")
         if {k: done.get(k) for k in settings} == settings:
             return str(model_dir)
     text_dir = folder / "text"
@@ -297,22 +302,23 @@ def main(argv=None):
     subsets = write_subsets(examples, sorted(set(counts.values())), out / "data", a.shuffle_seed)
     arms = a.arms.split(",")
 
-    runs = []           # (arm, init folder or None, lr)
+    runs = []           # (arm, init folder or None, lr, what the starting weights are: part of a run's settings)
     if "random" in arms:
-        runs.append(("random", None, a.lr))
+        runs.append(("random", None, a.lr, f"random copy of {a.pretrained}"))
     if "pretrained" in arms:
-        runs.append(("pretrained", a.pretrained, a.lr))
+        runs.append(("pretrained", a.pretrained, a.lr, a.pretrained))
     if "tapt" in arms:
         if not a.collect_only:
             print(f"task-adaptive pre-training of {a.pretrained} on {total:,} training texts ({a.tapt_steps} steps)")
         tapt = str(out / "tapt" / "model") if a.collect_only else task_adaptive_pretraining(
             a.pretrained, examples.texts, out / "tapt", a)
-        runs.append(("pretrained + TAPT", tapt, a.lr))
+        runs.append(("pretrained + TAPT", tapt, a.lr, f"{tapt} {json.dumps(tapt_settings(a.pretrained, a))}"))
     if "also" in arms:
-        runs += [(item.split("=", 1)[0], item.split("=", 1)[1], a.also_lr or a.lr) for item in a.also]
+        runs += [(item.split("=", 1)[0], item.split("=", 1)[1], a.also_lr or a.lr, item.split("=", 1)[1])
+                 for item in a.also]
 
     results = {}        # rebuilt from the finished runs under out/runs, whatever invocation ran them
-    order = [arm for arm, _, _ in runs] + (["bow"] if "bow" in arms else [])
+    order = [arm for arm, *_ in runs] + (["bow"] if "bow" in arms else [])
 
     def record(arm, size, metrics_, extra):
         results.setdefault(arm, {}).setdefault(str(size), [])
@@ -340,13 +346,11 @@ def main(argv=None):
                 record("bow", size, json.loads((folder / "metrics.json").read_text()), {"seed": 0})
         steps = fine_tune_steps(n, a.batch_size, a.epochs, a.min_steps, a.max_steps)
         for seed in range(1, a.seeds + 1):
-            for arm, init, lr in runs:
+            for arm, init, lr, weights in runs:
                 folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
-                label = {"random": f"random copy of {a.pretrained}",
-                         "pretrained + TAPT": f"{init} {json.dumps(tapt_settings(a.pretrained, a))}"}.get(arm, init)
-                settings = run_settings(label, subsets[n], seed, steps, lr, a)
+                settings = run_settings(weights, subsets[n], seed, steps, lr, a)
                 if (folder / "metrics.json").is_file():
-                    made_with = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+                    made_with = saved_settings(folder / "run.json")
                     if made_with == settings:
                         m = json.loads((folder / "metrics.json").read_text())
                         record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
