@@ -16,6 +16,12 @@ It runs on any binary (or multi-class) task file that finetune.py reads. Every f
 (a run made with other fine-tuning settings, e.g. another --max-steps, is run again); --jobs N runs N
 fine-tunes side by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json,
 curve.png and prints the table.
+
+Several --lr or --min-steps values make a small sweep, as papers tune fine-tuning per model: every arm runs
+every (learning rate, step budget) and each cell of the table is that arm's best median there, with what it
+picked. Both are picked on the dev set the table reports, so every arm's number is optimistic alike; the
+reason to sweep is that one recipe can suit one arm and hurt another (a long fine-tune lifts a pre-trained
+encoder and lets a random one memorise a small subset).
 """
 from __future__ import annotations
 
@@ -172,15 +178,22 @@ def random_copy(pretrained: str, seed: int, folder: pathlib.Path) -> str:
 
 
 def summarise(results: dict, arms: list[str], sizes: list) -> dict:
-    """{arm: {N: {"median", "min", "max", "runs"}}} of dev accuracy (in %)."""
+    """{arm: {N: {"median", "min", "max", "runs", "lr", "steps"}}} of dev accuracy (in %). With a sweep, each
+    arm and N keep the (lr, steps) whose median is best (the first of a tie) and every candidate's median."""
     table = {}
     for arm in arms:
         table[arm] = {}
         for n in sizes:
-            accs = [100 * r["accuracy"] for r in results.get(arm, {}).get(str(n), [])]
-            if accs:
-                table[arm][str(n)] = {"median": statistics.median(accs), "min": min(accs), "max": max(accs),
-                                      "runs": accs}
+            by_recipe = {}
+            for r in results.get(arm, {}).get(str(n), []):
+                by_recipe.setdefault((r.get("lr"), r.get("steps")), []).append(100 * r["accuracy"])
+            cells = [{"median": statistics.median(accs), "min": min(accs), "max": max(accs), "runs": accs,
+                      "lr": lr, "steps": steps} for (lr, steps), accs in by_recipe.items()]
+            if cells:
+                best = max(cells, key=lambda c: c["median"])        # max keeps the first of equal medians
+                if len(cells) > 1:
+                    best = {**best, "candidates": [{k: c[k] for k in ("lr", "steps", "median")} for c in cells]}
+                table[arm][str(n)] = best
     return table
 
 
@@ -194,6 +207,12 @@ def format_curve(table: dict, sizes: list, labels: dict) -> str:
             cells.append("-".rjust(21) if c is None else f"{c['median']:.2f} [{c['min']:.1f}-{c['max']:.1f}]".rjust(21)
                          if len(c["runs"]) > 1 else f"{c['median']:.2f}".rjust(21))
         lines.append(f"{arm:20}" + "".join(cells))
+    if any("candidates" in c for row in table.values() for c in row.values()):
+        lines += ["", "the fine-tuning each cell picked (best median on the dev set), lr / steps"]
+        for arm, row in table.items():
+            cells = [("-" if row.get(str(n), {}).get("lr") is None else f"{row[str(n)]['lr']:g} / {row[str(n)]['steps']}")
+                     for n in sizes]           # bow: convex, nothing to pick
+            lines.append(f"{arm:20}" + "".join(c.rjust(21) for c in cells))
     return "\n".join(lines)
 
 
@@ -246,12 +265,13 @@ def parse_args(argv=None):
                    "holds several small models at once; on a CPU each gets OMP_NUM_THREADS = cores / jobs unless it is set)")
     p.add_argument("--collect-only", action="store_true", help="run nothing: table, curve.json and curve.png "
                    "from the runs already finished under --out (e.g. arms run with different --seeds)")
-    g = p.add_argument_group("fine-tuning recipe (the same for every arm)")
-    g.add_argument("--lr", type=float, default=1e-4)
+    g = p.add_argument_group("fine-tuning recipe (the same for every arm; several --lr or --min-steps: a sweep, "
+                             "each arm's best reported)")
+    g.add_argument("--lr", type=float, nargs="+", default=[1e-4])
     g.add_argument("--also-lr", type=float, help="learning rate for the --also folders (default --lr)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--epochs", type=float, default=3)
-    g.add_argument("--min-steps", type=int, default=300)
+    g.add_argument("--min-steps", type=int, nargs="+", default=[300], help="at least this many updates")
     g.add_argument("--max-steps", type=int, default=1500, help="cap per run (the CPU budget)")
     g.add_argument("--warmup", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off); 1.0 in every row "
@@ -278,6 +298,12 @@ def parse_args(argv=None):
             p.error(f"--also {item}: expected NAME=DIR with DIR a BERT-layout folder holding config.json")
     if a.jobs < 1:
         p.error(f"--jobs {a.jobs}: must be at least 1")
+    for m in a.min_steps:
+        if m < 1:
+            p.error(f"--min-steps {m}: must be at least 1")
+    for lr in a.lr:
+        if not lr > 0:
+            p.error(f"--lr {lr}: must be positive")
     for s in a.sizes:
         if s != "all" and (not s.isdigit() or int(s) < 1):
             p.error(f"--sizes: {s!r} is neither a positive count nor 'all'")
@@ -302,7 +328,7 @@ def main(argv=None):
     subsets = write_subsets(examples, sorted(set(counts.values())), out / "data", a.shuffle_seed)
     arms = a.arms.split(",")
 
-    runs = []           # (arm, init folder or None, lr, what the starting weights are: part of a run's settings)
+    runs = []           # (arm, init folder or None, its lrs, what the starting weights are: part of a run's settings)
     if "random" in arms:
         runs.append(("random", None, a.lr, f"random copy of {a.pretrained}"))
     if "pretrained" in arms:
@@ -314,18 +340,20 @@ def main(argv=None):
             a.pretrained, examples.texts, out / "tapt", a)
         runs.append(("pretrained + TAPT", tapt, a.lr, f"{tapt} {json.dumps(tapt_settings(a.pretrained, a))}"))
     if "also" in arms:
-        runs += [(item.split("=", 1)[0], item.split("=", 1)[1], a.also_lr or a.lr, item.split("=", 1)[1])
+        runs += [(item.split("=", 1)[0], item.split("=", 1)[1], [a.also_lr] if a.also_lr else a.lr,
+                  item.split("=", 1)[1])
                  for item in a.also]
 
     results = {}        # rebuilt from the finished runs under out/runs, whatever invocation ran them
     order = [arm for arm, *_ in runs] + (["bow"] if "bow" in arms else [])
 
     def record(arm, size, metrics_, extra):
+        key = lambda r: (r.get("lr") or 0, r.get("steps") or 0, r["seed"])
         results.setdefault(arm, {}).setdefault(str(size), [])
-        results[arm][str(size)] = [r for r in results[arm][str(size)] if r.get("seed") != extra.get("seed")]
+        results[arm][str(size)] = [r for r in results[arm][str(size)] if key(r) != key(extra)]
         results[arm][str(size)].append({"accuracy": metrics_["dev"]["accuracy"] if "dev" in metrics_ else metrics_["accuracy"],
                                         **extra})
-        results[arm][str(size)].sort(key=lambda r: r["seed"])     # --jobs: runs end in any order
+        results[arm][str(size)].sort(key=key)     # --jobs: runs end in any order
         save()
 
     def save():
@@ -333,7 +361,8 @@ def main(argv=None):
         (out / "curve.json").write_text(json.dumps({"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
                                                     "table": table, "runs": results}, indent=1))
 
-    pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, steps, lr)
+    pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, steps, lr, settings)
+    sweep = len(a.lr) * len(a.min_steps) > 1
     for size in a.sizes:
         n = counts[size]
         if "bow" in arms:
@@ -344,23 +373,28 @@ def main(argv=None):
                             "--task", a.task, "--out", str(folder / "metrics.json")], folder, folder / "metrics.json")
             if (folder / "metrics.json").is_file():
                 record("bow", size, json.loads((folder / "metrics.json").read_text()), {"seed": 0})
-        steps = fine_tune_steps(n, a.batch_size, a.epochs, a.min_steps, a.max_steps)
+        # the step budgets this N gets (two --min-steps can give the same count: it runs once)
+        budgets = sorted({fine_tune_steps(n, a.batch_size, a.epochs, m, a.max_steps) for m in a.min_steps})
         for seed in range(1, a.seeds + 1):
-            for arm, init, lr, weights in runs:
-                folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}" / f"seed{seed}"
-                settings = run_settings(weights, subsets[n], seed, steps, lr, a)
-                if (folder / "metrics.json").is_file():
-                    made_with = saved_settings(folder / "run.json")
-                    if made_with == settings:
-                        m = json.loads((folder / "metrics.json").read_text())
-                        record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
-                        continue
-                    differ = sorted(k for k in settings if made_with.get(k) != settings[k])
-                    print(f"{folder}: made with other fine-tuning settings ({', '.join(differ)}): "
-                          + ("left out" if a.collect_only else "run again"))
-                if not a.collect_only:
-                    start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
-                    pending.append((arm, size, seed, folder, start, steps, lr, settings))
+            for arm, init, lrs, weights in runs:
+                for lr, steps in [(lr, steps) for lr in lrs for steps in budgets]:
+                    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
+                    if sweep:       # one folder per recipe; a single recipe keeps the plain layout
+                        folder = folder / f"lr{lr:g}-steps{steps}"
+                    folder = folder / f"seed{seed}"
+                    settings = run_settings(weights, subsets[n], seed, steps, lr, a)
+                    if (folder / "metrics.json").is_file():
+                        made_with = saved_settings(folder / "run.json")
+                        if made_with == settings:
+                            m = json.loads((folder / "metrics.json").read_text())
+                            record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
+                            continue
+                        differ = sorted(k for k in settings if made_with.get(k) != settings[k])
+                        print(f"{folder}: made with other fine-tuning settings ({', '.join(differ)}): "
+                              + ("left out" if a.collect_only else "run again"))
+                    if not a.collect_only:
+                        start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
+                        pending.append((arm, size, seed, folder, start, steps, lr, settings))
 
     def fine_tune_one(job):
         arm, size, seed, folder, start, steps, lr, settings = job
@@ -370,7 +404,7 @@ def main(argv=None):
         m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a)
         (folder / "run.json").write_text(json.dumps(settings, indent=1))
         print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
-              f"({steps} steps, {time.time() - t0:.0f} s)", flush=True)
+              f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
             (folder / big).unlink(missing_ok=True)
         return m
@@ -385,13 +419,13 @@ def main(argv=None):
                 running[pool.submit(fine_tune_one, job)] = job
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                arm, size, seed, _, _, steps, _, _ = running.pop(future)
+                arm, size, seed, _, _, steps, lr, _ = running.pop(future)
                 try:
                     m = future.result()
                 except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines
                     failure = failure or e
                     continue
-                record(arm, size, m, {"seed": seed, "steps": steps, "mcc": m["dev"].get("mcc")})
+                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
     if failure is not None:
         raise failure
     table = summarise(results, order, a.sizes)

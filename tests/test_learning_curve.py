@@ -142,12 +142,45 @@ def test_a_finished_run_is_reused_only_when_its_fine_tuning_settings_match(tiny_
     assert "made with other fine-tuning settings (lr): left out" in capsys.readouterr().out
 
 
+def test_a_sweep_reports_each_arms_best_recipe_and_what_it_picked(tiny_init, tmp_path, monkeypatch, capsys):
+    """Several --lr and --min-steps: every arm runs every recipe, each cell is the arm's best median, and the
+    table says which recipe that was. Here a long fine-tune suits the pre-trained arm and hurts random init."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    calls = []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+        calls.append((pathlib.Path(init).name, seed, steps, lr))
+        pretrained = pathlib.Path(init) == tiny_init
+        acc = steps / 100 + lr * 100 if pretrained else (10 - steps) / 100 + seed / 1000
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": acc}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    # 60 examples, 1 epoch: 2 steps, so --min-steps 1, 2 and 6 give budgets of 2, 2 and 6 (2 runs once)
+    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "random,pretrained",
+            "--sizes", "all", "--seeds", "2", "--epochs", "1", "--min-steps", "1", "2", "6", "--max-steps", "6",
+            "--lr", "1e-4", "3e-4", "--out", str(tmp_path / "curve")]
+    table = lc.main(args)
+    assert len(calls) == 2 * 2 * 2 * 2                             # arms x seeds x lrs x budgets
+    pre, rnd = table["pretrained"]["all"], table["random"]["all"]
+    assert (pre["lr"], pre["steps"]) == (3e-4, 6) and pre["median"] == pytest.approx(6 + 3)
+    assert (rnd["lr"], rnd["steps"]) == (1e-4, 2) and rnd["median"] == pytest.approx(8.15)   # a tie: the first lr
+    assert sorted((c["lr"], c["steps"]) for c in pre["candidates"]) == [(1e-4, 2), (1e-4, 6), (3e-4, 2), (3e-4, 6)]
+    assert (tmp_path / "curve" / "runs" / "pretrained" / "n60" / "lr0.0003-steps6" / "seed2" / "run.json").is_file()
+    out = capsys.readouterr().out
+    assert "the fine-tuning each cell picked" in out and "0.0003 / 6" in out and "0.0001 / 2" in out
+    assert lc.main(args) == table and len(calls) == 16              # every recipe's runs are reused
+
+
 def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
                            (["--pretrained", str(tmp_path)], "no config.json"),
                            (["--arms", "bow,magic"], "unknown magic"),
-                           (["--arms", "bow", "--sizes", "ten"], "neither a positive count")):
+                           (["--arms", "bow", "--sizes", "ten"], "neither a positive count"),
+                           (["--arms", "bow", "--min-steps", "300", "0"], "--min-steps 0: must be at least 1"),
+                           (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive")):
         with pytest.raises(SystemExit) as e:
             lc.parse_args(["--train", str(train), "--dev", str(dev), *argv])
         assert e.value.code == 2 and expected in capsys.readouterr().err
