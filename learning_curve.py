@@ -97,6 +97,16 @@ def run_logged(cmd, out: pathlib.Path, result: pathlib.Path, threads: str | None
 # data: nested subsets of the training file, and its text alone for task-adaptive pre-training
 
 
+def run_folder(out: pathlib.Path, arm: str, n: int, seed: int, recipe: tuple | None = None) -> pathlib.Path:
+    """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S> level when several recipes
+    (a sweep) are run, so each recipe's runs are kept and reused apart."""
+    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
+    if recipe is not None:
+        lr, steps = recipe
+        folder = folder / f"lr{lr:g}-steps{steps}"
+    return folder / f"seed{seed}"
+
+
 def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> dict:
     """{N: path}: the first N examples of one seeded permutation, so every subset contains the smaller ones.
     Sentence pairs (e.g. STS-B, MNLI) keep their second sentence: sentence1, sentence2, label."""
@@ -378,10 +388,7 @@ def main(argv=None):
         for seed in range(1, a.seeds + 1):
             for arm, init, lrs, weights in runs:
                 for lr, steps in [(lr, steps) for lr in lrs for steps in budgets]:
-                    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
-                    if sweep:       # one folder per recipe; a single recipe keeps the plain layout
-                        folder = folder / f"lr{lr:g}-steps{steps}"
-                    folder = folder / f"seed{seed}"
+                    folder = run_folder(out, arm, n, seed, (lr, steps) if sweep else None)
                     settings = run_settings(weights, subsets[n], seed, steps, lr, a)
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
