@@ -70,6 +70,16 @@ def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: flo
             "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, "pooling": a.pooling}
 
 
+def run_folder(out: pathlib.Path, arm: str, n: int, seed: int, recipe: tuple | None = None) -> pathlib.Path:
+    """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S> level when several recipes
+    (a sweep) are run, so each recipe's runs are kept and reused apart."""
+    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
+    if recipe is not None:
+        lr, steps = recipe
+        folder = folder / f"lr{lr:g}-steps{steps}"
+    return folder / f"seed{seed}"
+
+
 def threads_per_job(jobs: int, environ, cpus: int | None) -> str | None:
     """OMP_NUM_THREADS for each fine-tune when --jobs runs several at once: the cores shared out between them
     (each torch process otherwise takes every core, and N of them fight over the same ones); None when one
@@ -95,16 +105,6 @@ def run_logged(cmd, out: pathlib.Path, result: pathlib.Path, threads: str | None
 
 # -----------------------------------------------------------------------------------------------------
 # data: nested subsets of the training file, and its text alone for task-adaptive pre-training
-
-
-def run_folder(out: pathlib.Path, arm: str, n: int, seed: int, recipe: tuple | None = None) -> pathlib.Path:
-    """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S> level when several recipes
-    (a sweep) are run, so each recipe's runs are kept and reused apart."""
-    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
-    if recipe is not None:
-        lr, steps = recipe
-        folder = folder / f"lr{lr:g}-steps{steps}"
-    return folder / f"seed{seed}"
 
 
 def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> dict:
