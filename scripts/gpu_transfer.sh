@@ -11,9 +11,10 @@
 #
 #   MINUTES=6 bash scripts/gpu_transfer.sh [OUT]          # default out/gpu-transfer
 #
-# A finished stage is skipped when the script runs again. On a CPU it runs too (AMP=none, small BATCH; the
-# --jobs fine-tunes share the cores), as the test does at a tiny size and the README's session-18 run did
-# (MODEL=tiny AMP=none BATCH=128 MINUTES=85 JOBS=2), but the point of it is the tokens a GPU gives in minutes.
+# A finished stage is skipped when the script runs again. On a CPU it runs too (AMP=none for tiny, AMP=bf16
+# from mini up where the CPU has AMX: docs/pretraining.md; small BATCH; the --jobs fine-tunes share the cores),
+# as the test does at a tiny size and the README's session-18 run did (MODEL=tiny AMP=none BATCH=128 MINUTES=85
+# JOBS=2), but the point of it is the tokens a GPU gives in minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${PLAINBERT_DATA:-../shared/data}
