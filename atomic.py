@@ -6,6 +6,7 @@ or predictions file survives), and never a stray temporary one.
         torch.save(state, tmp)
 """
 import contextlib
+import json
 import os
 
 
@@ -22,6 +23,12 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """A JSON file written atomically: a run killed mid-write leaves the old file or none, never half of one."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def make_readable(path):

@@ -11,7 +11,6 @@ the seed. Classes beyond two use a softmax over one weight vector per class.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
@@ -37,6 +36,7 @@ import torch
 
 import losses
 import metrics
+from atomic import write_json
 from data.tasks import TaskDataError, encode_labels, label_classes, read_examples
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -110,8 +110,7 @@ def main(argv=None):
     result.update(features=len(vocab), train_examples=len(train))
     print(metrics.format_table(result, title=f"bag-of-words logistic regression ({len(vocab):,} features)"))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
     return result
 
 

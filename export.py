@@ -67,8 +67,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402  (the heavy imports come after the command line, on purpose)
 import torch.nn as nn  # noqa: E402
 
-from atomic import atomic_write  # noqa: E402
-from finetuned import TASKS, save_finetuned, write_json  # noqa: E402
+from atomic import atomic_write, write_json  # noqa: E402
+from finetuned import TASKS, save_finetuned  # noqa: E402
 from int8 import INT8_WEIGHTS, is_int8, quantize_model, save_int8  # noqa: E402
 from predict import InputError, Predictor, load_model  # noqa: E402
 from sparse import SPARSE_WEIGHTS, sparsify_folder  # noqa: E402

@@ -193,14 +193,14 @@ import torch.nn.functional as F
 
 import adversarial
 import losses
+from atomic import write_json
 from augment import AugmentError, build_augmenter
 from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, label_classes, read_examples,
                         read_sentences, write_sample_binary)
 from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
                         tag_classes, TokenDataset)
 from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
-                       infer_tokens, load_finetuned, predict_proba, save_finetuned, stored_head_rows, word_tags,
-                       write_json)
+                       infer_tokens, load_finetuned, predict_proba, save_finetuned, stored_head_rows, word_tags)
 from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
                      squad_scores)
 from model import CheckpointError, EncoderConfig, MultiTaskClassifier, SequenceClassifier, unwrap

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import losses
-from atomic import atomic_write
+from atomic import write_json
 from data.tasks import eval_order, pad_batch
 from model import CheckpointError, SentenceEncoder, from_hf_bert, read_hf_weights, save_hf_bert
 from peft import load_peft, save_peft, without_peft
@@ -388,8 +388,3 @@ def read_info(path) -> dict:
         raise FinetuneError(f"{path / 'labels.json'}: expected a 'task' (one of {', '.join(TASKS)}) and a positive "
                             f"'num_outputs', got {task!r:.40} and {n!r:.20}")
     return info
-
-
-def write_json(path, obj):
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atomic import atomic_write
+from atomic import atomic_write, write_json
 from model import CheckpointError, SequenceClassifier, config_from_hf, hf_config
 
 INT8_WEIGHTS = "model.int8.safetensors"
@@ -145,7 +145,6 @@ def load_int8(path: str):
 def save_int8(out: str, model: nn.Module, tokenizer, info: dict) -> None:
     """config.json (the BERT fields + "plainbert_weights"), model.int8.safetensors, the tokenizer, labels.json."""
     from safetensors.torch import save_file
-    from finetuned import write_json
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_write(os.path.join(out, INT8_WEIGHTS)) as tmp:

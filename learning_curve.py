@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from atomic import atomic_write
+from atomic import atomic_write, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parent
 
@@ -129,8 +129,13 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
 
 
 def saved_settings(path: pathlib.Path) -> dict:
-    """The settings a cached model or run was made with ({} when it kept none)."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The settings a cached model or run was made with; {} when it kept none, or none that can be read (a file
+    torn by an older version killed mid-write): the run is then made again rather than trusted or crashed on."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def tapt_settings(pretrained: str, a) -> dict:
@@ -165,7 +170,7 @@ def task_adaptive_pretraining(pretrained: str, texts: list[str], folder: pathlib
                 "--lr", str(a.tapt_lr), "--warmup", "0.06", "--dropout", "0", "--mask-rate", str(a.tapt_mask_rate),
                 "--eval-every", str(max(1, a.tapt_steps // 4)), "--eval-batches", "10", "--save-every", "0",
                 "--no-progress", "--out", str(model_dir)], model_dir, model_dir / "config.json")
-    (model_dir / "tapt.json").write_text(json.dumps({**settings, "seconds": round(time.time() - t0, 1)}))
+    write_json(model_dir / "tapt.json", {**settings, "seconds": round(time.time() - t0, 1)})
     return str(model_dir)
 
 
@@ -368,8 +373,8 @@ def main(argv=None):
 
     def save():
         table = summarise(results, order, a.sizes)
-        (out / "curve.json").write_text(json.dumps({"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
-                                                    "table": table, "runs": results}, indent=1))
+        write_json(out / "curve.json", {"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
+                                        "table": table, "runs": results})
 
     pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, steps, lr, settings)
     sweep = len(a.lr) * len(a.min_steps) > 1
@@ -397,8 +402,9 @@ def main(argv=None):
                             record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
                             continue
                         differ = sorted(k for k in settings if made_with.get(k) != settings[k])
-                        print(f"{folder}: made with other fine-tuning settings ({', '.join(differ)}): "
-                              + ("left out" if a.collect_only else "run again"))
+                        why = (f"made with other fine-tuning settings ({', '.join(differ)})" if made_with
+                               else "its settings (run.json) are missing or unreadable")
+                        print(f"{folder}: {why}: " + ("left out" if a.collect_only else "run again"))
                     if not a.collect_only:
                         start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
                         pending.append((arm, size, seed, folder, start, steps, lr, settings))
@@ -409,7 +415,7 @@ def main(argv=None):
             shutil.rmtree(folder)
         t0 = time.time()
         m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a)
-        (folder / "run.json").write_text(json.dumps(settings, indent=1))
+        write_json(folder / "run.json", settings)
         print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
               f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights

@@ -18,10 +18,10 @@ Several prepared folders (one tokenizer) add their counts, each times its --weig
 text, a million tokens, can weigh like ten (task-adaptive word vectors; README, the learning curve).
 """
 import argparse
-import json
 import os
 import sys
 
+from atomic import write_json
 from config import add_shape_args, check_shape_args, fail
 
 
@@ -154,8 +154,7 @@ def run(a) -> dict:
             "tokens": [len(t) for t in streams], "window": a.window, "contexts": len(columns),
             "min_count": a.min_count, "words_with_vectors": int(known.sum()), "vocab_size": V,
             "model": a.model, "norm": a.norm, "embedding_norm": cfg.embedding_norm, "dim": cfg.hidden_size}
-    with open(os.path.join(a.out, "word_vectors.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(a.out, "word_vectors.json"), info)
     print(f"wrote {a.out}: {info['words_with_vectors']:,} of {V:,} ids got co-occurrence vectors "
           f"({sum(len(t) for t in streams):,} tokens, window {a.window}, {len(columns):,} contexts); the rest of the model is as "
           f"pretrain.py starts it. Next: python pretrain.py --init {a.out} --data {a.data[0]} ...")

@@ -142,6 +142,34 @@ def test_a_finished_run_is_reused_only_when_its_fine_tuning_settings_match(tiny_
     assert "made with other fine-tuning settings (lr): left out" in capsys.readouterr().out
 
 
+def test_a_run_whose_settings_file_is_torn_is_run_again_not_a_traceback(tiny_init, tmp_path, monkeypatch, capsys):
+    """A curve killed while writing a run's run.json (by a version that wrote it in place) is picked up again:
+    that one run is redone, the others are reused, and nothing half-written is left behind."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    calls = []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+        calls.append(seed)
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": 0.5 + seed / 10}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "pretrained",
+            "--sizes", "all", "--seeds", "2", "--min-steps", "3", "--max-steps", "3", "--out", str(tmp_path / "curve")]
+    lc.main(args)
+    seed1 = tmp_path / "curve" / "runs" / "pretrained" / "n60" / "seed1"
+    (seed1 / "run.json").write_text('{"init": "')                 # torn mid-write
+    capsys.readouterr()
+    table = lc.main(args)
+    assert calls == [1, 2, 1]                                        # seed 1 again, seed 2 reused
+    assert f"{seed1}: its settings (run.json) are missing or unreadable: run again" in capsys.readouterr().out
+    assert table["pretrained"]["all"]["median"] == pytest.approx(65.0)
+    assert lc.saved_settings(seed1 / "run.json")["seed"] == 1
+    assert not list((tmp_path / "curve").rglob("*.tmp.*"))
+    assert json.loads((tmp_path / "curve" / "curve.json").read_text())["table"] == table
+
+
 def test_a_sweep_reports_each_arms_best_recipe_and_what_it_picked(tiny_init, tmp_path, monkeypatch, capsys):
     """Several --lr and --min-steps: every arm runs every recipe, each cell is the arm's best median, and the
     table says which recipe that was. Here a long fine-tune suits the pre-trained arm and hurts random init."""
