@@ -26,6 +26,8 @@ import unicodedata
 
 import torch
 
+from atomic import atomic_write, write_json
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 # Found in raw text, a special token is never split: "a[MASK]b" -> a, [MASK], b.
@@ -287,7 +289,8 @@ class SentencePieceTokenizer(Tokenizer):
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / self.MODEL_NAME
         if not (target.exists() and target.samefile(self.model_file)):
-            shutil.copyfile(self.model_file, target)
+            with atomic_write(target) as tmp:
+                shutil.copyfile(self.model_file, tmp)
         return out_dir
 
 
@@ -496,10 +499,11 @@ class WordPieceTokenizer(Tokenizer):
     def save(self, out_dir):
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / self.VOCAB_NAME).write_text("".join(t + "\n" for t in self.id_to_tok), encoding="utf-8")
+        with atomic_write(out_dir / self.VOCAB_NAME) as tmp:
+            pathlib.Path(tmp).write_text("".join(t + "\n" for t in self.id_to_tok), encoding="utf-8")
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase,
                   "strip_accents": self.strip_accents, "tokenize_chinese_chars": self.tokenize_chinese_chars}
-        (out_dir / self.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(out_dir / self.CONFIG_NAME, config)
         return out_dir
 
 
