@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from atomic import atomic_write
+from atomic import write_json
 from learning_curve import random_copy, run_logged, write_subsets
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -134,8 +134,7 @@ def main(argv=None):
                     r = ours(init, subsets[n], a.dev, seed, a.epochs, folder, a)
                 r["seconds"] = round(time.time() - t0, 1)
                 folder.mkdir(parents=True, exist_ok=True)
-                with atomic_write(done) as tmp:
-                    pathlib.Path(tmp).write_text(json.dumps(r, indent=1))
+                write_json(done, r)
                 results[arm, n, seed] = r
                 print(f"{arm} n={n} seed={seed}: {metric} {score(r, metric):.2f} ({r['seconds']:.0f} s)", flush=True)
     table = {}
@@ -151,8 +150,7 @@ def main(argv=None):
     for name, s in table.items():
         print(f"  {name:<12} {s['median']:6.2f}  [{s['min']:.2f}, {s['max']:.2f}]:  "
               + " ".join(f"{v:.2f}" for v in s["runs"]))
-    with atomic_write(out / "bench.json") as tmp:
-        pathlib.Path(tmp).write_text(json.dumps({"recipe": vars(a), "table": table}, indent=1))
+    write_json(out / "bench.json", {"recipe": vars(a), "table": table})
 
 
 if __name__ == "__main__":
