@@ -31,6 +31,12 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def write_text(path, text):
+    """A UTF-8 text file written atomically, as write_json: the old file or the new one, never half of one."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def make_readable(path):
     """Give a written file the mode open() gives a new one: 0666 less the umask, usually 0644. safetensors
     always writes 0600, which a server running as another user (deploy/Dockerfile) could not read."""

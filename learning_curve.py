@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from atomic import atomic_write, write_json
+from atomic import write_json, write_text
 
 ROOT = pathlib.Path(__file__).resolve().parent
 
@@ -122,8 +122,7 @@ def write_subsets(examples, sizes, folder: pathlib.Path, shuffle_seed: int) -> d
             "\t".join(clean(c[i]) for c in columns) + "\n" for i in order[:n])
         # rewritten when another --train or --shuffle-seed gives other rows: a stale subset is never reused
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            with atomic_write(path) as tmp:
-                pathlib.Path(tmp).write_text(text, encoding="utf-8")
+            write_text(path, text)
         paths[n] = path
     return paths
 

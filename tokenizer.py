@@ -26,7 +26,7 @@ import unicodedata
 
 import torch
 
-from atomic import atomic_write, write_json
+from atomic import atomic_write, write_json, write_text
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -499,8 +499,7 @@ class WordPieceTokenizer(Tokenizer):
     def save(self, out_dir):
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out_dir / self.VOCAB_NAME) as tmp:
-            pathlib.Path(tmp).write_text("".join(t + "\n" for t in self.id_to_tok), encoding="utf-8")
+        write_text(out_dir / self.VOCAB_NAME, "".join(t + "\n" for t in self.id_to_tok))
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase,
                   "strip_accents": self.strip_accents, "tokenize_chinese_chars": self.tokenize_chinese_chars}
         write_json(out_dir / self.CONFIG_NAME, config)

@@ -60,6 +60,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `python data/prepare.py` finds tokenizer.py in the repo root
     sys.path.insert(0, str(ROOT))
 
+from atomic import write_text  # noqa: E402
+
 FORMAT_VERSION = 1
 # The official WikiText raw archives (Merity et al. 2016): url, sha256, size in bytes.
 DATASETS = {
@@ -405,12 +407,6 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def _atomic_write_text(path, text):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _process_alive(pid):
     try:
         os.kill(int(pid), 0)
@@ -543,7 +539,7 @@ def _prepare(documents, sources, out_dir, vocab_size, tokenizer_model, tokenizer
         for f in [tok_name, "tokenizer.vocab", "tokenizer_config.json", *(p.name for p in splits)]:
             if (staging / f).exists():
                 os.replace(staging / f, out_dir / f)
-        _atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+        write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(quiet, f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({dtype})")

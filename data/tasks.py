@@ -35,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python data/tasks.py` and imports from tests both find the repo root
     sys.path.insert(0, str(ROOT))
 
+from atomic import write_text  # noqa: E402
 from data.prepare import PrepareError, clean_text, find_input_files, open_text, read_documents  # noqa: E402
 
 
@@ -449,7 +450,5 @@ def write_sample_binary(out_dir, n_train: int = 600, n_dev: int = 200, seed: int
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = sample_binary(n_train + n_dev, seed)
         for path, part in zip(paths, (rows[:n_train], rows[n_train:])):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part), encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
     return paths

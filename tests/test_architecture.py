@@ -82,7 +82,7 @@ def test_every_atomic_write_goes_through_the_one_helper():
 
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
-    from atomic import atomic_write
+    from atomic import atomic_write, write_text
     target = tmp_path / "x.json"
     target.write_text("old")
     try:
@@ -95,3 +95,5 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
     with atomic_write(str(target)) as tmp, open(tmp, "w") as f:
         f.write("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    write_text(target, "naïve\n")  # the text helper: UTF-8 whatever the locale, and no temporary file left
+    assert target.read_bytes() == "naïve\n".encode() and [p.name for p in tmp_path.iterdir()] == ["x.json"]
