@@ -1,6 +1,8 @@
 """Shared test helpers: where the real data lives, and the reference packages."""
 import os
 import pathlib
+import signal
+import subprocess
 
 import pytest
 
@@ -16,6 +18,21 @@ def keep_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def run_process_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a session of its own. On a timeout the whole group
+    is killed, not only its first process: a script's children (learning_curve.py under bash, torchrun's
+    ranks) would otherwise keep running, and slow every test after this one, long after it failed."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def data_dir() -> pathlib.Path:

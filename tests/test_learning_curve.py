@@ -4,13 +4,13 @@ the median of the seeds, a PNG and JSON, and finished runs reused."""
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import learning_curve as lc
+from conftest import run_process_group
 from data.tasks import read_examples, write_sample_binary
 
 
@@ -250,8 +250,7 @@ def script_at_tiny_size(name, tmp_path, out, **settings):
                FT_MIN_STEPS="3", FT_MAX_STEPS="3", **settings)
 
     def run():
-        done = subprocess.run(["bash", str(root / "scripts" / name), str(out)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+        done = run_process_group(["bash", str(root / "scripts" / name), str(out)], 600, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
     return run

@@ -14,7 +14,7 @@ import torch
 
 import pretrain
 import trainer
-from conftest import ROOT, minilm_dir, require_data
+from conftest import ROOT, minilm_dir, require_data, run_process_group
 
 TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--log-every", "1",
         "--eval-batches", "2", "--dropout", "0"]
@@ -40,7 +40,7 @@ def run_cli(args, env_extra=None, torchrun=0, timeout=600):
                f"--master_port={free_port()}", str(ROOT / "pretrain.py"), *args]
     else:
         cmd = [sys.executable, str(ROOT / "pretrain.py"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_process_group(cmd, timeout, env=env, cwd=ROOT)
 
 
 def free_port():
