@@ -5,7 +5,7 @@
 #
 #   bash scripts/recipe_sweep.sh [STEPS] [OUT]      # default 300 steps of 16 x 128 tokens per row, out/sweep
 #
-# Needs data/wiki (README: "A documented pre-training run"). One thread per run, one run at a time.
+# Needs data/wiki (README: "The documented pre-training run"). One thread per run, one run at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
