@@ -12,8 +12,11 @@ seeded shuffle of the training file), several seeds each, the median reported:
   NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
   bow         bag-of-words logistic regression (baseline.py): convex, so one run per size
 It runs on any binary (or multi-class) task file that finetune.py reads. Every finished run is kept under
---out/runs with the settings it was made with, so an interrupted or extended curve only runs what is missing
-(a run made with other fine-tuning settings, e.g. another --max-steps, is run again); --jobs N runs N
+--out/runs with the settings it was made with and a fingerprint of the weights it started from, so an
+interrupted or extended curve only runs what is missing (a run made with other fine-tuning settings, e.g.
+another --max-steps, or from a folder pre-trained again since, is run again; the random rows of another
+checkpoint of the same architecture are the same draws, so a copy of an older curve's --out given a newer
+--pretrained runs only the newer checkpoint's rows); --jobs N runs N
 fine-tunes side by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json,
 curve.png and prints the table.
 
@@ -137,8 +140,30 @@ def saved_settings(path: pathlib.Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
+def folder_identity(folder: str, weights: bool = True) -> str:
+    """A fingerprint of what a BERT-layout folder holds: its config (parsed: the order of keys does not count),
+    its tokenizer and, unless weights=False, its weights. Cached runs and models are matched on this, not on the
+    folder's name, so a folder pre-trained again under the same name is a new starting point (its old runs are
+    run again, not passed off as its own), and two folders that hold the same thing share their runs: the random
+    rows of two checkpoints of one architecture are the same draws. "missing" where there is no folder yet, and
+    "unreadable" where its config.json is torn: neither matches a cached run, so nothing is reused from it."""
+    folder = pathlib.Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "unreadable"
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in ["tokenizer.model", "vocab.txt"] + (["model.safetensors"] if weights else []):
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as f:
+                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return ("weights and " if weights else "architecture and ") + "tokenizer sha256 " + h.hexdigest()
+
+
 def tapt_settings(pretrained: str, a) -> dict:
-    return {"init": pretrained, "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
+    return {"init": folder_identity(pretrained), "steps": a.tapt_steps, "lr": a.tapt_lr, "seq_len": a.tapt_seq_len,
             "mask_rate": a.tapt_mask_rate}
 
 
@@ -177,7 +202,8 @@ def random_copy(pretrained: str, seed: int, folder: pathlib.Path) -> str:
     """The pre-trained folder's architecture and tokenizer with fresh weights (init_weights, as pretrain.py
     starts), drawn with `seed`."""
     out = folder / f"random_seed{seed}"
-    if not (out / "config.json").is_file():
+    # a copy made for another architecture or tokenizer (another --pretrained, same --out) is drawn again
+    if folder_identity(str(out), weights=False) != folder_identity(pretrained, weights=False):
         import torch
         from model import LanguageModel, from_hf_bert, save_hf_bert
         from tokenizer import load_tokenizer
@@ -342,20 +368,21 @@ def main(argv=None):
     subsets = write_subsets(examples, sorted(set(counts.values())), out / "data", a.shuffle_seed)
     arms = a.arms.split(",")
 
-    runs = []           # (arm, init folder or None, its lrs, what the starting weights are: part of a run's settings)
+    # (arm, init folder or None, its lrs, what the starting weights are: part of a run's settings, by content)
+    runs = []
     if "random" in arms:
-        runs.append(("random", None, a.lr, f"random copy of {a.pretrained}"))
+        runs.append(("random", None, a.lr, "random weights on " + folder_identity(a.pretrained, weights=False)))
     if "pretrained" in arms:
-        runs.append(("pretrained", a.pretrained, a.lr, a.pretrained))
+        runs.append(("pretrained", a.pretrained, a.lr, folder_identity(a.pretrained)))
     if "tapt" in arms:
         if not a.collect_only:
             print(f"task-adaptive pre-training of {a.pretrained} on {total:,} training texts ({a.tapt_steps} steps)")
         tapt = str(out / "tapt" / "model") if a.collect_only else task_adaptive_pretraining(
             a.pretrained, examples.texts, out / "tapt", a)
-        runs.append(("pretrained + TAPT", tapt, a.lr, f"{tapt} {json.dumps(tapt_settings(a.pretrained, a))}"))
+        runs.append(("pretrained + TAPT", tapt, a.lr, folder_identity(tapt)))
     if "also" in arms:
         runs += [(item.split("=", 1)[0], item.split("=", 1)[1], [a.also_lr] if a.also_lr else a.lr,
-                  item.split("=", 1)[1])
+                  folder_identity(item.split("=", 1)[1]))
                  for item in a.also]
 
     results = {}        # rebuilt from the finished runs under out/runs, whatever invocation ran them
@@ -400,7 +427,8 @@ def main(argv=None):
                             m = json.loads((folder / "metrics.json").read_text())
                             record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
                             continue
-                        differ = sorted(k for k in settings if made_with.get(k) != settings[k])
+                        differ = sorted(("starting weights" if k == "init" else k)
+                                        for k in settings if made_with.get(k) != settings[k])
                         why = (f"made with other fine-tuning settings ({', '.join(differ)})" if made_with
                                else "its settings (run.json) are missing or unreadable")
                         print(f"{folder}: {why}: " + ("left out" if a.collect_only else "run again"))

@@ -4,6 +4,7 @@ the median of the seeds, a PNG and JSON, and finished runs reused."""
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -214,7 +215,7 @@ def test_bad_arguments_are_one_line_each(tmp_path, capsys):
         assert e.value.code == 2 and expected in capsys.readouterr().err
 
 
-def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tmp_path, monkeypatch):
+def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tiny_init, tmp_path, monkeypatch):
     calls = []
 
     def fake_run(cmd, out, result):             # stands in for prepare.py / pretrain.py
@@ -227,13 +228,68 @@ def test_a_cached_tapt_model_is_reused_only_when_every_tapt_setting_matches(tmp_
     monkeypatch.setattr(lc, "run_logged", fake_run)
     a = lc.parse_args(["--train", "t.tsv", "--dev", "d.tsv", "--arms", "bow", "--tapt-steps", "5"])
     texts = [f"sentence {i}" for i in range(60)]
-    lc.task_adaptive_pretraining("init", texts, tmp_path, a)
+    init = tmp_path / "init"
+    shutil.copytree(tiny_init, init)
+    lc.task_adaptive_pretraining(str(init), texts, tmp_path, a)
     assert calls == ["prepare.py", "pretrain.py"]
-    lc.task_adaptive_pretraining("init", texts, tmp_path, a)            # same settings: reused
+    lc.task_adaptive_pretraining(str(init), texts, tmp_path, a)         # same settings: reused
     assert calls == ["prepare.py", "pretrain.py"]
     a.tapt_lr *= 2                                                      # another learning rate: redone
-    lc.task_adaptive_pretraining("init", texts, tmp_path, a)
+    lc.task_adaptive_pretraining(str(init), texts, tmp_path, a)
     assert calls == ["prepare.py", "pretrain.py"] * 2
+    save_new_weights(init, seed=7)                                      # the folder pre-trained again: redone
+    lc.task_adaptive_pretraining(str(init), texts, tmp_path, a)
+    assert calls == ["prepare.py", "pretrain.py"] * 3
+
+
+def save_new_weights(folder, seed, **config):
+    """Overwrite a BERT folder with other weights (a checkpoint trained on, or another shape given **config)."""
+    from model import EncoderConfig, LanguageModel, from_hf_bert, save_hf_bert
+    from tokenizer import load_tokenizer
+    torch.manual_seed(seed)
+    cfg = from_hf_bert(str(folder), head=None).config.to_dict()
+    save_hf_bert(LanguageModel(EncoderConfig.from_dict({**cfg, **config})), str(folder), load_tokenizer(folder))
+
+
+def test_runs_are_matched_on_the_weights_they_start_from_not_on_the_folders_name(tiny_init, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A folder pre-trained again under the same name has its rows run again; another checkpoint of the same
+    architecture reuses the random rows (the same draws); another architecture draws its random weights again."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    calls = []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+        calls.append(out.parent.parent.name)
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": 0.5}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    ckpt, later = tmp_path / "ckpt", tmp_path / "later"
+    shutil.copytree(tiny_init, ckpt)
+    curve = lambda folder: lc.main(["--train", str(train), "--dev", str(dev), "--pretrained", str(folder),
+                                    "--arms", "random,pretrained", "--sizes", "all", "--seeds", "1", "--min-steps", "3",
+                                    "--max-steps", "3", "--out", str(tmp_path / "curve")])
+    curve(ckpt)
+    assert calls == ["random", "pretrained"]
+    curve(ckpt)                                                       # nothing changed: nothing runs
+    assert calls == ["random", "pretrained"]
+    save_new_weights(ckpt, seed=7)                                    # pre-trained again, same name
+    capsys.readouterr()
+    curve(ckpt)
+    assert calls[2:] == ["pretrained"]
+    assert "made with other fine-tuning settings (starting weights): run again" in capsys.readouterr().out
+    shutil.copytree(ckpt, later)
+    save_new_weights(later, seed=8)                                   # another checkpoint of this architecture
+    curve(later)
+    assert calls[3:] == ["pretrained"]
+    random_copy = tmp_path / "curve" / "random" / "random_seed1"
+    before = (random_copy / "model.safetensors").read_bytes()
+    save_new_weights(later, seed=8, hidden_size=48, intermediate_size=96)   # another architecture
+    curve(later)
+    assert calls[4:] == ["random", "pretrained"]
+    assert json.loads((random_copy / "config.json").read_text())["hidden_size"] == 48
+    assert (random_copy / "model.safetensors").read_bytes() != before
 
 
 def script_at_tiny_size(name, tmp_path, out, **settings):
