@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #10 in one command: pre-train here, then ask whether it pays on a labelled task. The stages are the
-# best of the earlier CPU pipelines (README, "Earlier CPU runs (sessions 5–22)"; the README's documented run
+# best of the earlier CPU pipelines (docs/pretraining.md, "Earlier CPU runs (sessions 5–22)"; the README's documented run
 # since is plain masked LM on mini for 229 M tokens):
 #   1. data/prepare.py: raw text -> a SentencePiece vocabulary and token shards ($DATA), and held-out text
 #      (WikiText test) with the same tokenizer ($HELDOUT_DATA)
