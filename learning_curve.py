@@ -145,20 +145,17 @@ def folder_identity(folder: str, weights: bool = True) -> str:
     its tokenizer and, unless weights=False, its weights. Cached runs and models are matched on this, not on the
     folder's name, so a folder pre-trained again under the same name is a new starting point (its old runs are
     run again, not passed off as its own), and two folders that hold the same thing share their runs: the random
-    rows of two checkpoints of one architecture are the same draws. "missing" where there is no folder yet, and
-    "unreadable" where its config.json is torn: neither matches a cached run, so nothing is reused from it."""
+    rows of two checkpoints of one architecture are the same draws. "missing" where there is no folder yet or its
+    config.json is torn: that matches no cached run, so nothing is reused from it."""
+    from data.prepare import file_sha256
     folder = pathlib.Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
+    config = saved_settings(folder / "config.json")
+    if not config:
         return "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return "unreadable"
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in ["tokenizer.model", "vocab.txt"] + (["model.safetensors"] if weights else []):
         if (folder / name).is_file():
-            with open(folder / name, "rb") as f:
-                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+            h.update(f"{name} {file_sha256(folder / name)}".encode())
     return ("weights and " if weights else "architecture and ") + "tokenizer sha256 " + h.hexdigest()
 
 
