@@ -24,7 +24,8 @@ Several --lr or --min-steps values make a small sweep, as papers tune fine-tunin
 every (learning rate, step budget) and each cell of the table is that arm's best median there, with what it
 picked. Both are picked on the dev set the table reports, so every arm's number is optimistic alike; the
 reason to sweep is that one recipe can suit one arm and hurt another (a long fine-tune lifts a pre-trained
-encoder and lets a random one memorise a small subset).
+encoder and lets a random one memorise a small subset). A sweep over the --out of a one-recipe curve reuses
+that curve's runs and runs only the recipes it adds.
 """
 from __future__ import annotations
 
@@ -138,6 +139,11 @@ def saved_settings(path: pathlib.Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return settings if isinstance(settings, dict) else {}
+
+
+def finished_with(folder: pathlib.Path, settings: dict) -> bool:
+    """Whether folder holds a finished fine-tune made with exactly these settings."""
+    return (folder / "metrics.json").is_file() and saved_settings(folder / "run.json") == settings
 
 
 def folder_identity(folder: str, weights: bool = True) -> str:
@@ -418,6 +424,11 @@ def main(argv=None):
                 for lr, steps in [(lr, steps) for lr in lrs for steps in budgets]:
                     folder = run_folder(out, arm, n, seed, (lr, steps) if sweep else None)
                     settings = run_settings(weights, subsets[n], seed, steps, lr, a)
+                    # a curve later widened into a sweep (or a sweep narrowed to one recipe) finds its runs in
+                    # the other layout: reused when they match, so a sweep only runs the recipes it adds
+                    other = run_folder(out, arm, n, seed, None if sweep else (lr, steps))
+                    if not finished_with(folder, settings) and finished_with(other, settings):
+                        folder = other
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
                         if made_with == settings:

@@ -202,6 +202,34 @@ def test_a_sweep_reports_each_arms_best_recipe_and_what_it_picked(tiny_init, tmp
     assert lc.main(args) == table and len(calls) == 16              # every recipe's runs are reused
 
 
+def test_a_curve_widened_into_a_sweep_runs_only_the_recipes_it_adds(tiny_init, tmp_path, monkeypatch):
+    """The runs of a one-recipe curve are reused by a sweep over the same --out (and the other way round), each
+    only where its settings match: the sweep runs the new learning rate alone and its table holds both."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    calls = []
+
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+        calls.append((seed, lr))
+        out.mkdir(parents=True, exist_ok=True)
+        m = {"dev": {"accuracy": lr * 1000 + seed / 100}}
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "fine_tune", fake_fine_tune)
+    base = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "pretrained",
+            "--sizes", "all", "--seeds", "2", "--epochs", "1", "--min-steps", "2", "--max-steps", "2",
+            "--out", str(tmp_path / "curve")]
+    one = lc.main(base + ["--lr", "3e-4"])
+    assert sorted(calls) == [(1, 3e-4), (2, 3e-4)]
+    sweep = lc.main(base + ["--lr", "1e-4", "3e-4"])
+    assert sorted(calls) == [(1, 1e-4), (1, 3e-4), (2, 1e-4), (2, 3e-4)]        # only lr 1e-4 ran
+    assert sorted(c["lr"] for c in sweep["pretrained"]["all"]["candidates"]) == [1e-4, 3e-4]
+    assert sweep["pretrained"]["all"]["median"] == one["pretrained"]["all"]["median"]
+    assert lc.main(base + ["--lr", "1e-4"])["pretrained"]["all"]["median"] == pytest.approx(100 * (0.1 + 0.015))
+    assert len(calls) == 4                                                       # and back: nothing runs
+    lc.main(base + ["--lr", "3e-4", "--dropout", "0"])                           # another recipe matches neither
+    assert len(calls) == 6
+
+
 def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
