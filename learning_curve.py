@@ -427,14 +427,13 @@ def main(argv=None):
                     # a curve later widened into a sweep (or a sweep narrowed to one recipe) finds its runs in
                     # the other layout: reused when they match, so a sweep only runs the recipes it adds
                     other = run_folder(out, arm, n, seed, None if sweep else (lr, steps))
-                    if not finished_with(folder, settings) and finished_with(other, settings):
-                        folder = other
+                    found = next((f for f in (folder, other) if finished_with(f, settings)), None)
+                    if found is not None:
+                        m = json.loads((found / "metrics.json").read_text())
+                        record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
+                        continue
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
-                        if made_with == settings:
-                            m = json.loads((folder / "metrics.json").read_text())
-                            record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
-                            continue
                         differ = sorted(("starting weights" if k == "init" else k)
                                         for k in settings if made_with.get(k) != settings[k])
                         why = (f"made with other fine-tuning settings ({', '.join(differ)})" if made_with
