@@ -9,6 +9,9 @@ seeded shuffle of the training file), several seeds each, the median reported:
   pretrained  the --pretrained folder as it is
   tapt        the --pretrained folder after task-adaptive pre-training: more MLM on the training file's own
               text, labels dropped (Gururangan et al. 2020), once, then fine-tuned like the others
+  prompt      the --pretrained folder fine-tuned as a cloze (scripts/prompt_finetune.py: the sentence in
+              --template, the masked LM's scores of the --verbalizer words at its [MASK] as the classes), so
+              the pre-trained LM head is the classifier and nothing starts at random (PET, LM-BFF)
   NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
   bow         bag-of-words logistic regression (baseline.py): convex, so one run per size
 It runs on any binary (or multi-class) task file that finetune.py reads. Every finished run is kept under
@@ -65,19 +68,33 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
     return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
 
 
-def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a) -> dict:
+PROMPT = "pretrained, prompt"      # the prompt arm's row
+
+
+def prompt_fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float,
+                     out: pathlib.Path, a) -> dict:
+    """The same recipe, the task asked as a cloze and scored by the LM head (scripts/prompt_finetune.py)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "prompt_finetune.py"), "--init", init, "--train", str(train),
+           "--dev", dev[0], "--template", a.template, "--verbalizer", a.verbalizer, "--seed", str(seed),
+           "--steps", str(steps), "--lr", str(lr), "--batch-size", str(a.batch_size), "--dropout", str(a.dropout),
+           "--warmup", str(a.warmup), "--clip", str(a.clip), "--out", str(out / "metrics.json")]
+    return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
+
+
+def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a, prompt: bool = False) -> dict:
     """Everything that makes one fine-tune what it is. A finished run under --out/runs is reused only when all
     of it matches: otherwise a run of another recipe (another --max-steps, --lr, subset ...) would stand in
-    for this one with nothing to say so."""
+    for this one with nothing to say so. A prompt run has no pooling; its template and verbalizer instead."""
+    head = {"template": a.template, "verbalizer": a.verbalizer} if prompt else {"pooling": a.pooling}
     return {"init": init, "subset_sha256": hashlib.sha256(subset.read_bytes()).hexdigest(), "dev": list(a.dev),
             "task": a.task, "seed": seed, "steps": steps, "lr": lr, "batch_size": a.batch_size,
-            "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, "pooling": a.pooling}
+            "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, **head}
 
 
 def run_folder(out: pathlib.Path, arm: str, n: int, seed: int, recipe: tuple | None = None) -> pathlib.Path:
     """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S> level when several recipes
     (a sweep) are run, so each recipe's runs are kept and reused apart."""
-    folder = out / "runs" / arm.replace(" ", "").replace("+", "_") / f"n{n}"
+    folder = out / "runs" / arm.replace(" ", "").replace("+", "_").replace(",", "_") / f"n{n}"
     if recipe is not None:
         lr, steps = recipe
         folder = folder / f"lr{lr:g}-steps{steps}"
@@ -299,7 +316,8 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=["binary", "multiclass"], default="binary")
     p.add_argument("--pretrained", help="a pretrain.py output: gives the random, pretrained and tapt rows")
     p.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="more BERT-layout folders to compare")
-    p.add_argument("--arms", default="random,pretrained,tapt,also,bow", help="which rows to run")
+    p.add_argument("--arms", default="random,pretrained,tapt,also,bow",
+                   help="which rows to run (of random,pretrained,tapt,prompt,also,bow)")
     p.add_argument("--sizes", nargs="+", default=["500", "1000", "4000", "16000", "all"])
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per size (the median is reported)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="the one shuffle the nested subsets are cut from")
@@ -321,6 +339,9 @@ def parse_args(argv=None):
                    "of the README's curve, so it is fixed here rather than taken from finetune.py's default")
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
+    g = p.add_argument_group("prompt-based fine-tuning (the prompt row)")
+    g.add_argument("--template", default="{text} It was [MASK] .", help="the cloze each sentence is put in")
+    g.add_argument("--verbalizer", default="terrible,great", help="one word per class, in sorted label order")
     g = p.add_argument_group("task-adaptive pre-training")
     g.add_argument("--tapt-steps", type=int, default=1000)
     g.add_argument("--tapt-lr", type=float, default=5e-4)
@@ -328,11 +349,14 @@ def parse_args(argv=None):
     g.add_argument("--tapt-mask-rate", type=float, default=0.25)
     a = p.parse_args(argv)
     arms = a.arms.split(",")
-    unknown = set(arms) - {"random", "pretrained", "tapt", "also", "bow"}
+    unknown = set(arms) - {"random", "pretrained", "tapt", "prompt", "also", "bow"}
     if unknown:
-        p.error(f"--arms: unknown {', '.join(sorted(unknown))} (choose from random,pretrained,tapt,also,bow)")
-    if {"random", "pretrained", "tapt"} & set(arms) and not a.pretrained:
-        p.error("--pretrained DIR is needed for the random, pretrained and tapt rows (or drop them from --arms)")
+        p.error(f"--arms: unknown {', '.join(sorted(unknown))} (choose from random,pretrained,tapt,prompt,also,bow)")
+    if {"random", "pretrained", "tapt", "prompt"} & set(arms) and not a.pretrained:
+        p.error("--pretrained DIR is needed for the random, pretrained, tapt and prompt rows "
+                "(or drop them from --arms)")
+    if "prompt" in arms and len(a.dev) > 1:
+        p.error(f"--arms prompt: one --dev file (got {len(a.dev)}); the prompt row is judged on one")
     if a.pretrained and not (pathlib.Path(a.pretrained) / "config.json").is_file():
         p.error(f"--pretrained {a.pretrained}: no config.json (expected a pretrain.py output folder)")
     for item in a.also:
@@ -383,6 +407,8 @@ def main(argv=None):
         tapt = str(out / "tapt" / "model") if a.collect_only else task_adaptive_pretraining(
             a.pretrained, examples.texts, out / "tapt", a)
         runs.append(("pretrained + TAPT", tapt, a.lr, folder_identity(tapt)))
+    if "prompt" in arms:
+        runs.append((PROMPT, a.pretrained, a.lr, folder_identity(a.pretrained)))
     if "also" in arms:
         runs += [(item.split("=", 1)[0], item.split("=", 1)[1], [a.also_lr] if a.also_lr else a.lr,
                   folder_identity(item.split("=", 1)[1]))
@@ -423,14 +449,15 @@ def main(argv=None):
             for arm, init, lrs, weights in runs:
                 for lr, steps in [(lr, steps) for lr in lrs for steps in budgets]:
                     folder = run_folder(out, arm, n, seed, (lr, steps) if sweep else None)
-                    settings = run_settings(weights, subsets[n], seed, steps, lr, a)
+                    settings = run_settings(weights, subsets[n], seed, steps, lr, a, prompt=arm == PROMPT)
                     # a curve later widened into a sweep (or a sweep narrowed to one recipe) finds its runs in
                     # the other layout: reused when they match, so a sweep only runs the recipes it adds
                     other = run_folder(out, arm, n, seed, None if sweep else (lr, steps))
                     found = next((f for f in (folder, other) if finished_with(f, settings)), None)
                     if found is not None:
                         m = json.loads((found / "metrics.json").read_text())
-                        record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
+                        record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr,
+                                              "mcc": m.get("dev", m).get("mcc")})
                         continue
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
@@ -448,9 +475,10 @@ def main(argv=None):
         if folder.exists():                 # a run of other settings: nothing of it is kept
             shutil.rmtree(folder)
         t0 = time.time()
-        m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a)
+        m = (prompt_fine_tune if arm == PROMPT else fine_tune)(start, subsets[counts[size]], a.dev, seed, steps, lr,
+                                                                folder, a)
         write_json(folder / "run.json", settings)
-        print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m['dev']['accuracy']:.2f} % "
+        print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m.get('dev', m)['accuracy']:.2f} % "
               f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
             (folder / big).unlink(missing_ok=True)
@@ -472,7 +500,7 @@ def main(argv=None):
                 except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines
                     failure = failure or e
                     continue
-                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m["dev"].get("mcc")})
+                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m.get("dev", m).get("mcc")})
     if failure is not None:
         raise failure
     table = summarise(results, order, a.sizes)

@@ -6,8 +6,9 @@
 #      (its linear decay ends where the budget does; evaluations and saves get 12 % of the time)
 #   3. pretrain.py, the small-budget recipe with a GPU's batch: pre-LN with the embedding LayerNorm, no
 #      dropout, 25 % masking, $BATCH windows a step, peak lr $LR, 6 % warm-up, bf16 ($OUT/mlm)
-#   4. learning_curve.py: random init, that model, + TAPT on the task's own text, bag-of-words, on nested
-#      subsets of $TRAIN, $SEEDS seeds, $JOBS fine-tunes side by side ($OUT/curve: table, curve.png/json)
+#   4. learning_curve.py: random init, that model, + TAPT on the task's own text, that model fine-tuned as a
+#      cloze ($TEMPLATE, $VERBALIZER: scripts/prompt_finetune.py), bag-of-words, on nested subsets of $TRAIN,
+#      $SEEDS seeds, $JOBS fine-tunes side by side ($OUT/curve: table, curve.png/json; $ARMS picks the rows)
 #
 #   MINUTES=6 bash scripts/gpu_transfer.sh [OUT]          # default out/gpu-transfer
 #
@@ -34,6 +35,9 @@ TAPT_STEPS=${TAPT_STEPS:-600}
 TAPT_SEQ_LEN=${TAPT_SEQ_LEN:-128}
 FT_MIN_STEPS=${FT_MIN_STEPS:-300}
 FT_MAX_STEPS=${FT_MAX_STEPS:-1000}
+ARMS=${ARMS:-random,pretrained,tapt,prompt,bow}
+TEMPLATE=${TEMPLATE:-"{text} It was [MASK] ."}
+VERBALIZER=${VERBALIZER:-terrible,great}
 mkdir -p "$OUT"
 
 # 1. shards and the held-out text (scripts/shards.sh)
@@ -66,6 +70,7 @@ fi
 # 4. the learning curve (finished runs are kept: a second call only runs what is missing)
 say "learning curve on $TRAIN -> $OUT/curve"
 # shellcheck disable=SC2086   # SIZES is a list
-python learning_curve.py --train "$TRAIN" --dev "$DEV" --pretrained "$OUT/mlm" --arms random,pretrained,tapt,bow \
+python learning_curve.py --train "$TRAIN" --dev "$DEV" --pretrained "$OUT/mlm" --arms "$ARMS" \
     --pooling mean --lr 3e-4 --min-steps "$FT_MIN_STEPS" --max-steps "$FT_MAX_STEPS" --tapt-steps "$TAPT_STEPS" \
-    --tapt-seq-len "$TAPT_SEQ_LEN" --sizes $SIZES --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/curve"
+    --tapt-seq-len "$TAPT_SEQ_LEN" --template "$TEMPLATE" --verbalizer "$VERBALIZER" --sizes $SIZES --seeds "$SEEDS" \
+    --jobs "$JOBS" --out "$OUT/curve"

@@ -65,6 +65,29 @@ def test_every_row_runs_end_to_end_and_the_table_is_the_median_of_the_seeds(tiny
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == before
 
 
+def test_the_prompt_row_fine_tunes_the_cloze_on_the_same_subsets_and_is_rerun_when_its_template_changes(
+        tiny_init, tmp_path):
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    out = tmp_path / "curve"
+    args = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "prompt",
+            "--template", "{text} overall [MASK] .", "--verbalizer", "terrible,superb", "--sizes", "20", "all",
+            "--seeds", "2", "--min-steps", "3", "--max-steps", "3", "--out", str(out)]
+    table = lc.main(args)
+    runs = json.loads((out / "curve.json").read_text())["runs"][lc.PROMPT]
+    assert set(table) == {lc.PROMPT} and sorted(runs) == ["20", "all"]
+    for size in ("20", "all"):
+        assert [r["seed"] for r in runs[size]] == [1, 2] and all(r["steps"] == 3 for r in runs[size])
+    one = out / "runs" / "pretrained_prompt" / "n20" / "seed1"
+    metrics, settings = json.loads((one / "metrics.json").read_text()), json.loads((one / "run.json").read_text())
+    assert metrics["train_examples"] == 20 and metrics["settings"]["template"] == "{text} overall [MASK] ."
+    assert settings["verbalizer"] == "terrible,superb" and "pooling" not in settings
+    # another template is another recipe: every prompt run again, none taken from the cache
+    before = one.joinpath("metrics.json").stat().st_mtime_ns
+    lc.main([("{text} honestly [MASK] ." if x == "{text} overall [MASK] ." else x) for x in args])
+    assert json.loads((one / "run.json").read_text())["template"] == "{text} honestly [MASK] ."
+    assert one.joinpath("metrics.json").stat().st_mtime_ns != before
+
+
 def test_jobs_two_gives_the_runs_of_jobs_one(tiny_init, tmp_path):
     """--jobs 2: the same fine-tunes, two processes at a time, the same accuracies run for run."""
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
@@ -230,14 +253,16 @@ def test_a_curve_widened_into_a_sweep_runs_only_the_recipes_it_adds(tiny_init, t
     assert len(calls) == 6
 
 
-def test_bad_arguments_are_one_line_each(tmp_path, capsys):
+def test_bad_arguments_are_one_line_each(tiny_init, tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
                            (["--pretrained", str(tmp_path)], "no config.json"),
                            (["--arms", "bow,magic"], "unknown magic"),
                            (["--arms", "bow", "--sizes", "ten"], "neither a positive count"),
                            (["--arms", "bow", "--min-steps", "300", "0"], "--min-steps 0: must be at least 1"),
-                           (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive")):
+                           (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive"),
+                           (["--arms", "prompt", "--pretrained", str(tiny_init), "--dev", str(dev), str(dev)],
+                            "--arms prompt: one --dev file (got 2)")):
         with pytest.raises(SystemExit) as e:
             lc.parse_args(["--train", str(train), "--dev", str(dev), *argv])
         assert e.value.code == 2 and expected in capsys.readouterr().err
@@ -372,10 +397,10 @@ def test_the_transfer_script_runs_every_stage_and_a_second_run_trains_nothing_ag
 
 def test_the_gpu_script_sizes_the_run_to_its_minutes_and_a_second_run_trains_nothing_again(tmp_path):
     """scripts/gpu_transfer.sh at a tiny size on the CPU: shards, a 60-step trial, a masked-LM run whose step
-    count comes from the trial's speed and MINUTES, then random / pretrained / + TAPT / bag-of-words."""
+    count comes from the trial's speed and MINUTES, then random / pretrained / + TAPT / prompt / bag-of-words."""
     out = tmp_path / "out"
     run = script_at_tiny_size("gpu_transfer.sh", tmp_path, out, MINUTES="0.1", AMP="none", JOBS="2", TAPT_STEPS="2",
-                              TAPT_SEQ_LEN="16")
+                              TAPT_SEQ_LEN="16", TEMPLATE="{text} [MASK]", VERBALIZER="a,i")   # words of 120 pieces
 
     first = run()
     planned = int(first.split("minutes at the trial's speed: ")[1].split(" steps")[0])
@@ -385,7 +410,7 @@ def test_the_gpu_script_sizes_the_run_to_its_minutes_and_a_second_run_trains_not
     steps = [json.loads(line)["step"] for line in (out / "mlm" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == planned, "the run takes the planned steps, its decay ending there"
     curve = json.loads((out / "curve" / "curve.json").read_text())
-    assert set(curve["runs"]) == {"random", "pretrained", "pretrained + TAPT", "bow"}
+    assert set(curve["runs"]) == {"random", "pretrained", "pretrained + TAPT", "pretrained, prompt", "bow"}
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")}
     second = run()
     assert "trial" not in second and {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")
