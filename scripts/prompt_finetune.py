@@ -88,25 +88,32 @@ def main(argv=None):
 
     import torch
     import torch.nn.functional as F
-    from data.tasks import pad_batch, read_examples
-    from model import from_hf_bert, init_weights
+    from atomic import write_json
+    from data.tasks import TaskDataError, pad_batch, read_examples
+    from model import CheckpointError, from_hf_bert, init_weights
     from tokenizer import load_tokenizer
     from trainer import build_optimizer, lr_at, set_lr
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(a.init)
-    model = from_hf_bert(a.init, head="mlm", dropout=a.dropout)
+    try:                                       # a bad folder or file: one line naming it, not a traceback
+        tokenizer = load_tokenizer(a.init)
+        model = from_hf_bert(a.init, head="mlm", dropout=a.dropout)
+        train, dev = read_examples([a.train]), read_examples([a.dev])
+    except (CheckpointError, TaskDataError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if a.random:
         torch.manual_seed(a.seed)
         model.apply(init_weights)
     model.to(device)
     torch.manual_seed(a.seed)
     words = verbalizer_ids(tokenizer, a.verbalizer.split(","))
-    train, dev = read_examples([a.train]), read_examples([a.dev])
     classes = sorted(set(train.labels))
     if len(classes) != len(words):
         p.error(f"--verbalizer has {len(words)} words, {a.train} has {len(classes)} classes ({', '.join(classes)})")
     index = {c: i for i, c in enumerate(classes)}
+    unseen = sorted(set(dev.labels) - set(classes))
+    if unseen:
+        p.error(f"--dev {a.dev}: labels {', '.join(unseen)} are not among {a.train}'s ({', '.join(classes)})")
     x_train, y_train = prompt_ids(tokenizer, train.texts, a.template, a.max_length), [index[c] for c in train.labels]
     x_dev, y_dev = prompt_ids(tokenizer, dev.texts, a.template, a.max_length), [index[c] for c in dev.labels]
     batch_of = lambda xs, rows: {k: v.to(device) for k, v in pad_batch(
@@ -144,8 +151,7 @@ def main(argv=None):
     result = {"accuracy": accuracy(), "zero_shot_accuracy": before, "train_examples": len(x_train),
               "steps": a.steps, "settings": {k: v for k, v in vars(a).items() if k != "out"}}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(a.out, result)
     print(json.dumps({k: result[k] for k in ("accuracy", "zero_shot_accuracy", "train_examples", "steps")}))
 
 

@@ -55,3 +55,19 @@ def test_prompt_fine_tuning_learns_the_sample_and_random_weights_start_at_chance
     assert result["train_examples"] == 200 and result["steps"] == 150
     assert abs(result["zero_shot_accuracy"] - 0.5) <= 0.15        # the cloze before training: a coin, nearly
     assert result["accuracy"] >= 0.9                               # after it: the sample's sentiment words
+
+
+def test_bad_input_is_one_line_naming_the_file(tiny_init, tmp_path, capsys):
+    from data.tasks import write_sample_binary
+    train, dev = write_sample_binary(tmp_path, n_train=20, n_dev=10)
+    other = tmp_path / "other.tsv"
+    other.write_text("sentence\tlabel\na dull film\t7\n")
+    common = ["--train", str(train), "--steps", "1", "--verbalizer", "terrible,superb",
+              "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        prompt_finetune.main(common + ["--init", str(tmp_path), "--dev", str(dev)])
+    assert str(e.value).startswith("error: ") and str(tmp_path) in str(e.value) and "expected" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        prompt_finetune.main(common + ["--init", str(tiny_init), "--dev", str(other)])
+    assert e.value.code == 2 and "labels 7 are not among" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
