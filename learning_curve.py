@@ -71,6 +71,12 @@ def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: 
 PROMPT = "pretrained, prompt"      # the prompt arm's row
 
 
+def dev_metrics(m: dict) -> dict:
+    """A run's dev metrics: finetune.py's metrics.json keeps them under "dev", baseline.py's and
+    prompt_finetune.py's at the top."""
+    return m.get("dev", m)
+
+
 def prompt_fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float,
                      out: pathlib.Path, a) -> dict:
     """The same recipe, the task asked as a cloze and scored by the LM head (scripts/prompt_finetune.py)."""
@@ -421,7 +427,7 @@ def main(argv=None):
         key = lambda r: (r.get("lr") or 0, r.get("steps") or 0, r["seed"])
         results.setdefault(arm, {}).setdefault(str(size), [])
         results[arm][str(size)] = [r for r in results[arm][str(size)] if key(r) != key(extra)]
-        results[arm][str(size)].append({"accuracy": metrics_["dev"]["accuracy"] if "dev" in metrics_ else metrics_["accuracy"],
+        results[arm][str(size)].append({"accuracy": dev_metrics(metrics_)["accuracy"],
                                         **extra})
         results[arm][str(size)].sort(key=key)     # --jobs: runs end in any order
         save()
@@ -457,7 +463,7 @@ def main(argv=None):
                     if found is not None:
                         m = json.loads((found / "metrics.json").read_text())
                         record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr,
-                                              "mcc": m.get("dev", m).get("mcc")})
+                                              "mcc": dev_metrics(m).get("mcc")})
                         continue
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
@@ -478,7 +484,7 @@ def main(argv=None):
         m = (prompt_fine_tune if arm == PROMPT else fine_tune)(start, subsets[counts[size]], a.dev, seed, steps, lr,
                                                                 folder, a)
         write_json(folder / "run.json", settings)
-        print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * m.get('dev', m)['accuracy']:.2f} % "
+        print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * dev_metrics(m)['accuracy']:.2f} % "
               f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
             (folder / big).unlink(missing_ok=True)
@@ -500,7 +506,7 @@ def main(argv=None):
                 except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines
                     failure = failure or e
                     continue
-                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": m.get("dev", m).get("mcc")})
+                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": dev_metrics(m).get("mcc")})
     if failure is not None:
         raise failure
     table = summarise(results, order, a.sizes)
