@@ -48,6 +48,8 @@ import time
 from atomic import write_json, write_text
 
 ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.append(str(ROOT / "scripts"))
+from prompt_finetune import TEMPLATE, VERBALIZER  # noqa: E402  the prompt row's defaults, written once there
 
 # -----------------------------------------------------------------------------------------------------
 # the fine-tuning recipe: one for every arm, so only the starting weights differ
@@ -346,8 +348,8 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
     g = p.add_argument_group("prompt-based fine-tuning (the prompt row)")
-    g.add_argument("--template", default="{text} It was [MASK] .", help="the cloze each sentence is put in")
-    g.add_argument("--verbalizer", default="terrible,great", help="one word per class, in sorted label order")
+    g.add_argument("--template", default=TEMPLATE, help="the cloze each sentence is put in")
+    g.add_argument("--verbalizer", default=VERBALIZER, help="one word per class, in sorted label order")
     g = p.add_argument_group("task-adaptive pre-training")
     g.add_argument("--tapt-steps", type=int, default=1000)
     g.add_argument("--tapt-lr", type=float, default=5e-4)

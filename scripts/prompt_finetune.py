@@ -31,6 +31,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The cloze and its words for SST-2-like sentiment; learning_curve.py's prompt row takes its defaults from here.
+TEMPLATE = "{text} It was [MASK] ."
+VERBALIZER = "terrible,great"
+
 
 def prompt_ids(tokenizer, texts: list[str], template: str, max_length: int) -> list[list[int]]:
     """[CLS] + template with {text} filled + [SEP], one [MASK] in each; the sentence (never the template) is
@@ -70,8 +74,8 @@ def main(argv=None):
     p.add_argument("--random", action="store_true", help="the same architecture and tokenizer, fresh weights")
     p.add_argument("--train", required=True)
     p.add_argument("--dev", required=True)
-    p.add_argument("--template", default="{text} It was [MASK] .")
-    p.add_argument("--verbalizer", default="terrible,great", help="one word per class, in sorted label order")
+    p.add_argument("--template", default=TEMPLATE, help="the cloze each sentence is put in")
+    p.add_argument("--verbalizer", default=VERBALIZER, help="one word per class, in sorted label order")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
