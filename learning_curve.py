@@ -49,7 +49,7 @@ from atomic import write_json, write_text
 
 ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.append(str(ROOT / "scripts"))
-from prompt_finetune import TEMPLATE, VERBALIZER  # noqa: E402  the prompt row's defaults, written once there
+from prompt_finetune import add_prompt_args, class_word_ids, template_problem  # noqa: E402  the prompt row's, once
 
 # -----------------------------------------------------------------------------------------------------
 # the fine-tuning recipe: one for every arm, so only the starting weights differ
@@ -348,8 +348,7 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
     g = p.add_argument_group("prompt-based fine-tuning (the prompt row)")
-    g.add_argument("--template", default=TEMPLATE, help="the cloze each sentence is put in")
-    g.add_argument("--verbalizer", default=VERBALIZER, help="one word per class, in sorted label order")
+    add_prompt_args(g)
     g = p.add_argument_group("task-adaptive pre-training")
     g.add_argument("--tapt-steps", type=int, default=1000)
     g.add_argument("--tapt-lr", type=float, default=5e-4)
@@ -365,6 +364,8 @@ def parse_args(argv=None):
                 "(or drop them from --arms)")
     if "prompt" in arms and len(a.dev) > 1:
         p.error(f"--arms prompt: one --dev file (got {len(a.dev)}); the prompt row is judged on one")
+    if "prompt" in arms and template_problem(a.template):    # refused now, not when the first prompt run starts
+        p.error(template_problem(a.template))
     if a.pretrained and not (pathlib.Path(a.pretrained) / "config.json").is_file():
         p.error(f"--pretrained {a.pretrained}: no config.json (expected a pretrain.py output folder)")
     for item in a.also:
@@ -397,6 +398,13 @@ def main(argv=None):
         read_examples(a.dev)
     except (TaskDataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if "prompt" in a.arms.split(","):                  # refused now, not when the first prompt run starts
+        from tokenizer import TokenizerError, load_tokenizer
+        try:
+            tokenizer = load_tokenizer(a.pretrained)
+        except TokenizerError as e:
+            sys.exit(f"error: --pretrained: {e}")
+        class_word_ids(tokenizer, a.verbalizer, sorted(set(examples.labels)), a.train)
     total = len(examples.texts)
     counts = {s: total if s == "all" else min(int(s), total) for s in a.sizes}
     out = pathlib.Path(a.out)

@@ -36,6 +36,19 @@ TEMPLATE = "{text} It was [MASK] ."
 VERBALIZER = "terrible,great"
 
 
+def add_prompt_args(parser):
+    """--template and --verbalizer, written once for this script and learning_curve.py's prompt row."""
+    parser.add_argument("--template", default=TEMPLATE, help="the cloze each sentence is put in")
+    parser.add_argument("--verbalizer", default=VERBALIZER, help="one word per class, in sorted label order")
+
+
+def template_problem(template: str) -> str | None:
+    """Why --template cannot be used (None when it can): the sentence and the [MASK] go in exactly once."""
+    if template.count("{text}") != 1 or template.count("[MASK]") != 1:
+        return f"--template {template!r}: expected {{text}} once and [MASK] once"
+    return None
+
+
 def prompt_ids(tokenizer, texts: list[str], template: str, max_length: int) -> list[list[int]]:
     """[CLS] + template with {text} filled + [SEP], one [MASK] in each; the sentence (never the template) is
     cut when the whole would pass max_length."""
@@ -60,6 +73,15 @@ def verbalizer_ids(tokenizer, words: list[str]) -> list[int]:
     return ids
 
 
+def class_word_ids(tokenizer, verbalizer: str, classes: list[str], train: str) -> list[int]:
+    """--verbalizer checked against the training file's classes (sorted) and the tokenizer: one id per class."""
+    words = verbalizer.split(",")
+    if len(words) != len(classes):
+        raise SystemExit(f"error: --verbalizer {verbalizer!r} has {len(words)} words, {train} has {len(classes)} "
+                         f"classes ({', '.join(classes)}); one word per class, in sorted label order")
+    return verbalizer_ids(tokenizer, words)
+
+
 def class_scores(model, batch: dict, mask_id: int, words):
     """(B, K): the masked LM's scores of the verbalizer words at each example's [MASK]."""
     flat = batch["input_ids"].reshape(-1)
@@ -74,8 +96,7 @@ def main(argv=None):
     p.add_argument("--random", action="store_true", help="the same architecture and tokenizer, fresh weights")
     p.add_argument("--train", required=True)
     p.add_argument("--dev", required=True)
-    p.add_argument("--template", default=TEMPLATE, help="the cloze each sentence is put in")
-    p.add_argument("--verbalizer", default=VERBALIZER, help="one word per class, in sorted label order")
+    add_prompt_args(p)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -87,8 +108,8 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     p.add_argument("--out", required=True, help="JSON file for the result")
     a = p.parse_args(argv)
-    if a.template.count("{text}") != 1 or a.template.count("[MASK]") != 1:
-        p.error(f"--template {a.template!r}: expected {{text}} once and [MASK] once")
+    if template_problem(a.template):
+        p.error(template_problem(a.template))
 
     import torch
     import torch.nn.functional as F
@@ -110,10 +131,8 @@ def main(argv=None):
         model.apply(init_weights)
     model.to(device)
     torch.manual_seed(a.seed)
-    words = verbalizer_ids(tokenizer, a.verbalizer.split(","))
     classes = sorted(set(train.labels))
-    if len(classes) != len(words):
-        p.error(f"--verbalizer has {len(words)} words, {a.train} has {len(classes)} classes ({', '.join(classes)})")
+    words = class_word_ids(tokenizer, a.verbalizer, classes, a.train)
     index = {c: i for i, c in enumerate(classes)}
     unseen = sorted(set(dev.labels) - set(classes))
     if unseen:

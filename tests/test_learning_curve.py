@@ -262,7 +262,9 @@ def test_bad_arguments_are_one_line_each(tiny_init, tmp_path, capsys):
                            (["--arms", "bow", "--min-steps", "300", "0"], "--min-steps 0: must be at least 1"),
                            (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive"),
                            (["--arms", "prompt", "--pretrained", str(tiny_init), "--dev", str(dev), str(dev)],
-                            "--arms prompt: one --dev file (got 2)")):
+                            "--arms prompt: one --dev file (got 2)"),
+                           (["--arms", "prompt", "--pretrained", str(tiny_init), "--template", "{text} no blank"],
+                            "--template '{text} no blank': expected {text} once and [MASK] once")):
         with pytest.raises(SystemExit) as e:
             lc.parse_args(["--train", str(train), "--dev", str(dev), *argv])
         assert e.value.code == 2 and expected in capsys.readouterr().err
@@ -431,3 +433,15 @@ def test_jobs_share_the_cores_between_them_unless_omp_num_threads_is_set(tmp_pat
              "open(sys.argv[1], 'w'))")
     assert lc.run_logged([sys.executable, "-c", child, str(result)], tmp_path, result, threads="3") == {"threads": "3"}
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_a_verbalizer_that_does_not_fit_the_classes_is_refused_before_any_run(tiny_init, tmp_path, capsys):
+    train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
+    with pytest.raises(SystemExit) as e:
+        lc.main(["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "bow,prompt",
+                 "--verbalizer", "bad,fine,great", "--out", str(tmp_path / "curve")])
+    assert "--verbalizer 'bad,fine,great' has 3 words" in str(e.value) and "2 classes" in str(e.value)
+    with pytest.raises(SystemExit, match="'dull film' is 2 tokens"):
+        lc.main(["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "bow,prompt",
+                 "--verbalizer", "dull film,superb", "--out", str(tmp_path / "curve")])
+    assert not (tmp_path / "curve").exists(), "refused before a subset, a bag-of-words or a prompt run is written"
