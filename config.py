@@ -104,7 +104,27 @@ def add_training_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argume
 # what finetune.py's flags offer. The tables behind them hold torch code (finetuned.TASKS, peft.METHODS),
 # so the names and options live here and those tables are built on them (tests/test_cli.py checks the keys)
 
-TASK_KINDS = ("binary", "multiclass", "pair", "regression", "simcse", "token", "qa")     # finetuned.TASKS
+TASK_KINDS = ("binary", "multiclass", "pair", "regression", "simcse", "token", "qa", "prompt")   # finetuned.TASKS
+# --task prompt: the cloze each sentence is put in, and one word per class, for SST-2-like sentiment
+TEMPLATE, VERBALIZER = "{text} It was [MASK] .", "terrible,great"
+
+
+def add_prompt_args(parser, defaults: bool = True):
+    """--template and --verbalizer: finetune.py's --task prompt (defaults None there: they are refused with
+    another task) and learning_curve.py's prompt row (defaults shown)."""
+    parser.add_argument("--template", default=TEMPLATE if defaults else None,
+                        help=f"--task prompt: the cloze each sentence is put in, {{text}} and [MASK] once each "
+                             f"(default {TEMPLATE!r})")
+    parser.add_argument("--verbalizer", default=VERBALIZER if defaults else None,
+                        help=f"--task prompt: one word per class, comma-separated, in sorted label order; each "
+                             f"must be one token (default {VERBALIZER!r})")
+
+
+def template_problem(template: str) -> str | None:
+    """Why --template cannot be used (None when it can): the sentence and the [MASK] go in exactly once."""
+    if template.count("{text}") != 1 or template.count("[MASK]") != 1:
+        return f"--template {template!r}: expected {{text}} once and [MASK] once"
+    return None
 SAMPLING = ("proportional", "temperature")          # multi-task: how a step picks its task (multitask.py)
 
 

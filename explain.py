@@ -127,7 +127,7 @@ def explain(model, tokenizer, info, text: str, pair: str | None = None, target: 
             baseline: str = "pad", layer: int = -1, head: int = 0) -> Explanation:
     """One text's word attributions and attention map, for a float model from finetuned.load_finetuned."""
     task = info["task"]
-    if task not in ("binary", "multiclass", "pair", "regression"):
+    if task not in ("binary", "multiclass", "pair", "regression", "prompt"):
         raise ExplainError(f"--explain: explains classifiers and regressors, not a {task} model")
     if steps < 1:
         raise ExplainError(f"--ig-steps: expected a positive integer, got {steps}")

@@ -282,6 +282,9 @@ def run(args) -> None:
     model, tokenizer, info = load_model(args.src)
     if info["task"] == "simcse":
         raise InputError(f"{args.src}: a SimCSE sentence encoder; export takes classifiers and regressors")
+    if info["task"] == "prompt" and args.quantize:      # int8.load_int8 rebuilds a SequenceClassifier only
+        raise InputError(f"--quantize int8: {args.src} is a --task prompt model (a masked LM); export it in float, "
+                         "or with --onnx (onnxruntime's int8 graph)")
     if is_int8(model):
         raise InputError(f"{args.src}: already int8; export from the float model")
     has_lora = any(isinstance(m, LoRALinear) for m in model.modules())

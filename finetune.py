@@ -5,6 +5,7 @@
     python finetune.py --task binary --init $MINILM --data data/glue/sst2 --method lora
     python finetune.py --task regression --init $MINILM --data data/glue/stsb
     python finetune.py --task simcse --init $MINILM --train sentences.txt --dev data/glue/stsb/dev.tsv
+    python finetune.py --task prompt --init out/pretrain --data data/glue/sst2 --verbalizer terrible,great
     python finetune.py --task binary --ensemble out/a,out/b --dev data/glue/sst2/dev.tsv --out out/ens
     python finetune.py --init $MINILM --tasks sst2:binary:sst2/train.tsv:sst2/dev.tsv \\
         stsb:regression:stsb/train.tsv:stsb/dev.tsv cola:binary:cola/in_domain_train.tsv:cola/in_domain_dev.tsv
@@ -18,6 +19,9 @@ Tasks: the head, the loss, the metric that picks the best checkpoint
                 judged by the Spearman correlation of cosine similarities with STS-B scores, before and after
     token       K logits per word (its first sub-word)     entity-level F1 (conlleval), from CoNLL files
     qa          start and end logits over the context      SQuAD F1 and exact match, from SQuAD JSON
+    prompt      classes asked as a cloze (PET, LM-BFF): each text put into --template ("{text} It was [MASK] ."),
+                the masked-LM head's scores of one --verbalizer word per class at its [MASK], softmax
+                cross-entropy; nothing starts at random (needs an --init with an MLM head)     accuracy
 Any sentence task reads a second text column when the file has one (MRPC, RTE, QNLI, STS-B pairs).
 
 --init is a pretrain.py output (default out/pretrain) or any BERT-layout folder (config.json, weights,
@@ -47,7 +51,8 @@ import pathlib
 import sys
 import time
 
-from config import PEFT_OPTIONS, SAMPLING, TASK_KINDS, add_training_args, known_options
+from config import (PEFT_OPTIONS, SAMPLING, TASK_KINDS, TEMPLATE, VERBALIZER, add_prompt_args, add_training_args,
+                    known_options, template_problem)
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_INIT = ROOT / "out" / "pretrain"
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.05, help="simcse: InfoNCE temperature")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="sentence vector: the [CLS] state (BERT) or the mean of the real tokens' states (often "
                    "better for a model pre-trained with MLM alone, and simcse's choice)")
+    g = p.add_argument_group("prompt-based fine-tuning (--task prompt)")
+    add_prompt_args(g, defaults=False)
     g = p.add_argument_group("token classification and question answering (--task token / qa)")
     g.add_argument("--doc-stride", type=int, default=128, help="qa: context tokens between the starts of "
                    "overlapping windows over a long context (default 128)")
@@ -199,7 +206,7 @@ from data.tasks import (TaskDataError, TaskDataset, encode_labels, eval_order, l
                         read_sentences, write_sample_binary)
 from data.spans import (encode_sentences, parse_articles, qa_features, read_conll, read_squad, span_labels,
                         tag_classes, TokenDataset)
-from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, encode, infer,
+from finetuned import (SPAN_TASKS, TASKS, FinetuneError, answer_spans, batch_of, build_model, cloze_ids, encode, infer,
                        infer_tokens, load_finetuned, predict_proba, save_finetuned, stored_head_rows, word_tags)
 from metrics import (classification_metrics, entity_scores, format_table, regression_metrics, spearman, pearson,
                      squad_scores)
@@ -244,6 +251,16 @@ def check_args(a):
         raise FinetuneError("--fsdp: finetune.py does not shard (a BERT-size model fits each device): run it "
                             "under torchrun without --fsdp for data parallelism; pretrain.py takes --fsdp")
     a.task = a.task or "binary"
+    if a.task == "prompt":
+        used = [flag for flag, on in (("--pooling mean", a.pooling != "cls"),
+                                      ("--contrastive-weight", a.contrastive_weight)) if on]
+        if used:       # the class scores come from the [MASK]'s state: no pooled sentence vector
+            raise FinetuneError(f"{used[0]}: --task prompt reads the [MASK]'s state, no pooled vector")
+        a.template, a.verbalizer = a.template or TEMPLATE, a.verbalizer or VERBALIZER
+        if template_problem(a.template):
+            raise FinetuneError(template_problem(a.template))
+    elif a.template or a.verbalizer:
+        raise FinetuneError(f"--template/--verbalizer: only with --task prompt, not --task {a.task}")
     if a.task in SPAN_TASKS:
         used = [flag for flag, on in (("--rdrop", a.rdrop), ("--contrastive-weight", a.contrastive_weight),
                                       ("--adversarial", a.adversarial != "none"), ("--augment", a.augment != "none"),
@@ -285,8 +302,10 @@ def check_args(a):
 # the pre-trained model
 
 
-def load_init(path, task, num_outputs, pooling="cls", dropout=None):
-    """(model, tokenizer) from a BERT-layout folder; its tokenizer must have as many ids as its embedding table."""
+def load_init(path, task, num_outputs, pooling="cls", dropout=None, prompt=None):
+    """(model, tokenizer) from a BERT-layout folder; its tokenizer must have as many ids as its embedding table.
+    prompt (--task prompt): (template, verbalizer words, classes, the training file), which set the tokenizer
+    to the template and pick the class words' ids (finetuned.cloze_ids)."""
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FinetuneError(f"--init {path}: folder not found (expected a pretrain.py output or a BERT-layout "
@@ -300,7 +319,8 @@ def load_init(path, task, num_outputs, pooling="cls", dropout=None):
         raise FinetuneError(f"--init {path}: mismatched vocab: the tokenizer has {tokenizer.vocab_size} tokens "
                             f"but config.json says vocab_size {config.get('vocab_size')}")
     overrides = {} if dropout is None else {"dropout": dropout, "attention_dropout": dropout}
-    return build_model(path, task, num_outputs, pooling, **overrides), tokenizer
+    cloze = cloze_ids(tokenizer, *prompt) if prompt else None
+    return build_model(path, task, num_outputs, pooling, cloze=cloze, **overrides), tokenizer
 
 
 def scratch_init(texts, num_outputs, dropout=None):
@@ -404,7 +424,10 @@ def resolve_recipe(a, task, n_train, model, has_dev, slots=1, head_from_init=Fal
         choose("dropout", FINETUNE_DROPOUT, "the checkpoint was trained without dropout; fine-tuning regularises")
     else:
         choose("dropout", dropout, "the checkpoint's")
-    if head_from_init:
+    if TASKS[task].head == "cloze":
+        choose("head", "the pre-trained masked-LM head", "a cloze: its scores of the --verbalizer words at the "
+               "template's [MASK]; nothing starts at random")
+    elif head_from_init:
         choose("head", "from --init", "its classifier has this task's outputs (a two-logit binary head folded "
                "into one logit, z = l1 - l0): fine-tuning goes on from it")
     else:
@@ -518,6 +541,12 @@ def robust_accuracy(model, task, dev, pad_id, eps, steps, alpha=None, batch_size
 
 # -----------------------------------------------------------------------------------------------------
 # losses
+
+
+def prompt_fields(a) -> dict:
+    """--task prompt's template and class words: in labels.json (load_finetuned rebuilds the cloze from them)
+    and in what --resume must match."""
+    return {"template": a.template, "verbalizer": a.verbalizer.split(",")} if a.task == "prompt" else {}
 
 
 def task_loss(task, labels, label_smoothing=0.0):
@@ -634,13 +663,20 @@ def run(argv=None) -> dict:
         train_ex = read_examples(train_paths, a.text_col, a.text_pair_col, a.label_col).head(a.max_train_examples)
         if task == "pair" and train_ex.pairs is None:
             raise FinetuneError(f"--task pair: {train_paths[0]} has no second text column (name it with --text-pair-col)")
+        if task == "prompt" and train_ex.pairs is not None:
+            raise FinetuneError(f"--task prompt: {train_paths[0]} has a second text column; the template holds one "
+                                "text (name the one to use with --text-col and leave out --text-pair-col)")
         classes, layout = label_classes(task, train_ex), train_ex.layout
     num_outputs = 1 if TASKS[task].one_output else len(classes)
 
     init = pathlib.Path(a.init) if a.init else DEFAULT_INIT
     torch.manual_seed(a.seed)         # a fresh head (or a scratch model) is the same on every start with this --seed
+    if task == "prompt" and not (init.is_dir() or a.init):
+        raise FinetuneError(f"--task prompt: needs --init, a folder with a masked-LM head (a pretrain.py output); "
+                            f"the default {DEFAULT_INIT} does not exist")
     if init.is_dir() or a.init:
-        model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout)
+        prompt = (a.template, a.verbalizer.split(","), classes, train_paths[0]) if task == "prompt" else None
+        model, tokenizer = load_init(init, task, num_outputs, a.pooling, a.dropout, prompt)
         scratch = False
         print(f"--init {init}{'' if a.init else ' (the default)'}: {model.config.num_layers} layers, "
               f"hidden {model.config.hidden_size}, vocabulary {tokenizer.vocab_size:,}")
@@ -722,11 +758,12 @@ def run(argv=None) -> dict:
         print_recipe(recipe, why)
     eval_fn = (lambda m: evaluate(m, task, judge, tokenizer.pad_id)[0]) if judge else None
     before = None
-    if task == "simcse" and dev:
+    if task in ("simcse", "prompt") and dev:     # the sentence vectors, or the cloze, as pre-training left them
         model.eval()
         before = evaluate(model.to(dist_env.device), task, dev, tokenizer.pad_id)[0]
         model.train()
-        print(f"before training: STS spearman {before['spearman']:.4f}")
+        print(f"before training: STS spearman {before['spearman']:.4f}" if task == "simcse" else
+              f"before training (zero-shot cloze): dev accuracy {before['accuracy']:.4f}")
     mode = "min" if metric in MIN_METRICS else "max"
     monitor = ((metric, mode, a.early_stopping or NEVER) if recipe["select"] != "last"
                else (metric, mode, a.early_stopping) if a.early_stopping else None)
@@ -734,7 +771,7 @@ def run(argv=None) -> dict:
     # what else must match for --resume to continue this run (the loop adds its own settings)
     fingerprint = {"task": task, "method": a.method, "init": "scratch" if scratch else str(init.resolve()),
                    "train_data": [data_fingerprint(p) for p in train_paths], "max_length": max_length,
-                   "pooling": a.pooling, "head_lr_scale": recipe["head_lr_scale"],
+                   "pooling": a.pooling, "head_lr_scale": recipe["head_lr_scale"], **prompt_fields(a),
                    "length_bucket": recipe["length_bucket"], **layer_decay_fingerprint(a)}
     result = train(model, make_loss_fn(a, model), data, cfg, dist_env, eval_fn=eval_fn, monitor=monitor,
                    log_fields={"epoch_steps": steps_per_epoch}, fingerprint=fingerprint,
@@ -747,7 +784,7 @@ def run(argv=None) -> dict:
     info = {"task": task, "labels": classes, "label_map": None if classes is None else {c: i for i, c in enumerate(classes)},
             "num_outputs": num_outputs, "columns": None if task == "simcse" else train_ex.columns, "layout": layout,
             "max_length": max_length, "method": a.method, "peft": options if a.method != "full" else None,
-            "pooling": a.pooling, "metric": metric,
+            "pooling": a.pooling, "metric": metric, **prompt_fields(a),
             "init": "scratch" if scratch else str(init)}
     out = {"metrics": None, "model": model, "tokenizer": tokenizer, "info": info, "preempted": False}
     if dist_env.is_main:

@@ -4,7 +4,8 @@ serve.py read. Nothing here trains, so serving imports neither the training loop
     save_finetuned(out, model, tokenizer, info)      config.json + model.safetensors (BERT layout, PEFT set
                                                      aside) + tokenizer + labels.json (info) [+ peft.json/.safetensors]
                                                      that transformers' pipeline("text-classification") reads too
-    model, tokenizer, info = load_finetuned(out)     the same model, in eval mode on the CPU
+    model, tokenizer, info = load_finetuned(out)     the same model, in eval mode on the CPU (a prompt model's
+                                                     tokenizer set to its template: folder_tokenizer)
     predict_proba(model, tokenizer, texts, pairs, info)   (N, K) probabilities, (N,) scores or (N, C) vectors
     tagged_entities(model, tokenizer, texts, info)         NER: entities with character offsets, per text
     answer_spans(model, tokenizer, questions, info)        QA: the best answer span in each context, its score
@@ -28,9 +29,9 @@ import torch.nn as nn
 import losses
 from atomic import write_json
 from data.tasks import eval_order, pad_batch
-from model import CheckpointError, SentenceEncoder, from_hf_bert, read_hf_weights, save_hf_bert
+from model import CheckpointError, ClozeClassifier, SentenceEncoder, from_hf_bert, read_hf_weights, save_hf_bert
 from peft import load_peft, save_peft, without_peft
-from tokenizer import load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer
 
 
 class FinetuneError(ValueError):
@@ -93,7 +94,8 @@ def _token_softmax(outputs):
 class TaskKind:
     """What one --task is. loss(outputs, labels, label_smoothing) -> the loss summed over the batch (None:
     the task brings its own, simcse's InfoNCE); probabilities(outputs (N, K) on the CPU) -> numpy."""
-    head: str | None               # from_hf_bert's head: "classifier", "token", "span", or None (the encoder alone, pooled)
+    head: str | None               # from_hf_bert's head: "classifier", "token", "span", None (the encoder alone,
+                                   # pooled), or "cloze": the masked LM's scores of the class words (ClozeClassifier)
     one_output: bool               # one output per example (a logit, a score, a vector), else one per class
     label_dtype: torch.dtype
     loss: Callable | None
@@ -113,18 +115,32 @@ TASKS = {                          # keyed by config.TASK_KINDS (the --task choi
     "token": TaskKind("token", False, torch.long, _token_ce, _token_softmax, ("f1", "precision", "recall")),
     # per token: a start and an end logit; judged by SQuAD's token F1 and exact match
     "qa": TaskKind("span", True, torch.long, _span_ce, _vectors, ("f1", "exact_match")),
+    # classes asked as a cloze: the LM head's scores of one word per class at the template's [MASK]
+    "prompt": TaskKind("cloze", False, torch.long, _ce, _softmax, CLASSIFICATION),
 }
 SPAN_TASKS = ("token", "qa")       # one output per token, not per example: their own inference below
 
 
-def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict: bool = False, **config_overrides):
+def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict: bool = False, cloze=None,
+                **config_overrides):
     """The task's model from a BERT-layout folder: a SequenceClassifier, TokenClassifier or SpanExtractor,
-    or for simcse a SentenceEncoder; `pooling` ("cls" or "mean") says which sentence vector a
-    SequenceClassifier or SentenceEncoder reads (the per-token heads pool nothing). strict: a fine-tuned
-    folder, every tensor present (model.from_hf_bert); else a pre-trained encoder whose missing or
-    other-sized head starts afresh."""
+    for simcse a SentenceEncoder, for prompt a ClozeClassifier (cloze: (the [MASK] id, one word id per class),
+    cloze_ids gives them); `pooling` ("cls" or "mean") says which sentence vector a SequenceClassifier or
+    SentenceEncoder reads (the per-token heads pool nothing). strict: a fine-tuned folder, every tensor
+    present (model.from_hf_bert); else a pre-trained encoder whose missing or other-sized head starts afresh."""
     if pooling not in ("cls", "mean"):
         raise FinetuneError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    if TASKS[task].head == "cloze":
+        try:
+            lm = from_hf_bert(str(path), head="mlm", strict=strict, **config_overrides)
+        except CheckpointError as e:
+            if "no MLM head" not in str(e):
+                raise
+            raise FinetuneError(f"{path}: --task prompt scores words with a masked-LM head, and this folder has "
+                                "none (a pretrain.py output has one; all-MiniLM-L6-v2 does not)") from None
+        model = ClozeClassifier(lm.config, *cloze)
+        model.load_state_dict(lm.state_dict())
+        return model
     if TASKS[task].head is None:
         return SentenceEncoder(from_hf_bert(str(path), head=None, strict=strict, **config_overrides), pooling)
     # a binary head stored as two logits (ours as save_finetuned writes it, or a transformers classifier):
@@ -137,6 +153,28 @@ def build_model(path, task: str, num_outputs: int, pooling: str = "cls", strict:
     if TASKS[task].head == "classifier":
         model.pooling = pooling             # [CLS] (BERT) or the mean of the real tokens: a head setting
     return model
+
+
+def cloze_ids(tokenizer, template: str, verbalizer: list[str], classes: list[str], where: str) -> tuple[int, list[int]]:
+    """--task prompt: the tokenizer set to put each text into `template`, and (its [MASK] id, one vocabulary
+    id per class) for ClozeClassifier. Each class word must be one token (a split word has no single score),
+    one per class of `where` (the training file, or a folder's labels.json)."""
+    try:
+        tokenizer.set_template(template)
+    except TokenizerError as e:
+        raise FinetuneError(f"--template: {e}") from None
+    if len(verbalizer) != len(classes):
+        raise FinetuneError(f"--verbalizer {','.join(verbalizer)!r} has {len(verbalizer)} words, {where} has "
+                            f"{len(classes)} classes ({', '.join(map(str, classes))}); one word per class, in sorted "
+                            "label order")
+    ids = []
+    for word in verbalizer:
+        pieces = tokenizer.encode(word)
+        if len(pieces) != 1:
+            raise FinetuneError(f"--verbalizer word {word!r} is {len(pieces)} tokens "
+                                f"({' '.join(tokenizer.id_to_token(i) for i in pieces)}); each word must be one token")
+        ids.append(pieces[0])
+    return tokenizer.mask_id, ids
 
 
 def stored_head_rows(path) -> int | None:
@@ -293,7 +331,8 @@ def save_finetuned(out_dir, model, tokenizer, info):
     written as the two logits [0, z], whose softmax is exactly our [1 - sigmoid(z), sigmoid(z)]. So
     transformers.pipeline("text-classification", model=out_dir) gives predict.py's labels and probabilities
     (for full, top and bitfit; LoRA after export.py --merge-lora; adapters and prefixes have no BERT-layout
-    form). load_finetuned folds [0, z] back into one logit."""
+    form). load_finetuned folds [0, z] back into one logit. A --task prompt folder is a BertForMaskedLM; its
+    template and class words are in labels.json."""
     os.makedirs(out_dir, exist_ok=True)
     with without_peft(model), _two_logit_head(model, info["task"]):
         save_hf_bert(model.encoder if TASKS[info["task"]].head is None else model, out_dir, tokenizer,
@@ -310,7 +349,7 @@ def save_finetuned(out_dir, model, tokenizer, info):
 def hf_fields(info) -> dict:
     """config.json fields that make transformers read the head as we do: the label names and the loss."""
     task = info["task"]
-    if TASKS[task].head is None:
+    if TASKS[task].head in (None, "cloze"):         # an encoder, or a masked LM (BertForMaskedLM): no labels
         return {}
     if info.get("pooling") == "mean":               # transformers' BERT pools [CLS] only: it would answer otherwise
         return {"plainbert_pooling": "mean"}
@@ -360,15 +399,24 @@ def load_finetuned(path):
     path = pathlib.Path(path)
     info = read_info(path)
     task, n = info["task"], info["num_outputs"]
-    tokenizer = load_tokenizer(path)
+    tokenizer = folder_tokenizer(path, info)
+    cloze = cloze_ids(tokenizer, info["template"], info["verbalizer"], info["labels"], path / "labels.json") \
+        if task == "prompt" else None
     # a binary head is written as [0, z] for transformers (older folders: z); build_model folds it back
-    model = build_model(path, task, n, info.get("pooling") or "cls", strict=True)
+    model = build_model(path, task, n, info.get("pooling") or "cls", strict=True, cloze=cloze)
     if (path / "peft.json").is_file():
         load_peft(model, str(path))         # re-applies the method, then loads its parameters
         for name, p in model.named_parameters():
             if not torch.isfinite(p).all():
                 raise CheckpointError(f"{path / 'peft.safetensors'}: {name} holds non-finite values (NaN or inf)")
     return model.eval(), tokenizer, info
+
+
+def folder_tokenizer(path, info: dict):
+    """A fine-tuned folder's tokenizer as its model reads text: for --task prompt, set to the template (so
+    predict.py, serve.py, export.py and onnxruntime all encode what the model was trained on)."""
+    tokenizer = load_tokenizer(path)
+    return tokenizer.set_template(info["template"]) if info["task"] == "prompt" else tokenizer
 
 
 def read_info(path) -> dict:
@@ -387,4 +435,7 @@ def read_info(path) -> dict:
     if task not in TASKS or not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise FinetuneError(f"{path / 'labels.json'}: expected a 'task' (one of {', '.join(TASKS)}) and a positive "
                             f"'num_outputs', got {task!r:.40} and {n!r:.20}")
+    if task == "prompt" and not (isinstance(info.get("template"), str) and isinstance(info.get("verbalizer"), list)
+                                 and isinstance(info.get("labels"), list)):
+        raise FinetuneError(f"{path / 'labels.json'}: a prompt model needs its 'template', 'verbalizer' and 'labels'")
     return info

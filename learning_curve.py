@@ -9,7 +9,7 @@ seeded shuffle of the training file), several seeds each, the median reported:
   pretrained  the --pretrained folder as it is
   tapt        the --pretrained folder after task-adaptive pre-training: more MLM on the training file's own
               text, labels dropped (Gururangan et al. 2020), once, then fine-tuned like the others
-  prompt      the --pretrained folder fine-tuned as a cloze (scripts/prompt_finetune.py: the sentence in
+  prompt      the --pretrained folder fine-tuned as a cloze (finetune.py --task prompt: the sentence in
               --template, the masked LM's scores of the --verbalizer words at its [MASK] as the classes), so
               the pre-trained LM head is the classifier and nothing starts at random (PET, LM-BFF)
   NAME        each --also NAME=DIR folder (e.g. all-MiniLM-L6-v2)
@@ -48,8 +48,7 @@ import time
 from atomic import write_json, write_text
 
 ROOT = pathlib.Path(__file__).resolve().parent
-sys.path.append(str(ROOT / "scripts"))
-from prompt_finetune import add_prompt_args, class_word_ids, template_problem  # noqa: E402  the prompt row's, once
+from config import add_prompt_args, template_problem  # noqa: E402  finetune.py's --template and --verbalizer
 
 # -----------------------------------------------------------------------------------------------------
 # the fine-tuning recipe: one for every arm, so only the starting weights differ
@@ -62,11 +61,15 @@ def fine_tune_steps(n: int, batch_size: int, epochs: float, min_steps: int, max_
 
 
 def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float, out: pathlib.Path,
-              a) -> dict:
-    cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", a.task, "--init", init, "--train", str(train),
+              a, prompt: bool = False) -> dict:
+    """One finetune.py run with the curve's recipe; prompt: the same recipe, the task asked as a cloze and
+    scored by the LM head (--task prompt with --template and --verbalizer) instead of a --pooling head."""
+    head = (["--task", "prompt", "--template", a.template, "--verbalizer", a.verbalizer] if prompt
+            else ["--task", a.task, "--pooling", a.pooling])
+    cmd = [sys.executable, str(ROOT / "finetune.py"), *head, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
-           "--clip", str(a.clip), "--pooling", a.pooling, "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
+           "--clip", str(a.clip), "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
     return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
 
 
@@ -74,26 +77,17 @@ PROMPT = "pretrained, prompt"      # the prompt arm's row
 
 
 def dev_metrics(m: dict) -> dict:
-    """A run's dev metrics: finetune.py's metrics.json keeps them under "dev", baseline.py's and
-    prompt_finetune.py's at the top."""
+    """A run's dev metrics: finetune.py's metrics.json keeps them under "dev", baseline.py's at the top."""
     return m.get("dev", m)
-
-
-def prompt_fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float,
-                     out: pathlib.Path, a) -> dict:
-    """The same recipe, the task asked as a cloze and scored by the LM head (scripts/prompt_finetune.py)."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "prompt_finetune.py"), "--init", init, "--train", str(train),
-           "--dev", dev[0], "--template", a.template, "--verbalizer", a.verbalizer, "--seed", str(seed),
-           "--steps", str(steps), "--lr", str(lr), "--batch-size", str(a.batch_size), "--dropout", str(a.dropout),
-           "--warmup", str(a.warmup), "--clip", str(a.clip), "--out", str(out / "metrics.json")]
-    return run_logged(cmd, out, out / "metrics.json", threads=a.threads)
 
 
 def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a, prompt: bool = False) -> dict:
     """Everything that makes one fine-tune what it is. A finished run under --out/runs is reused only when all
     of it matches: otherwise a run of another recipe (another --max-steps, --lr, subset ...) would stand in
     for this one with nothing to say so. A prompt run has no pooling; its template and verbalizer instead."""
-    head = {"template": a.template, "verbalizer": a.verbalizer} if prompt else {"pooling": a.pooling}
+    # (a prompt run made by the scripts/prompt_finetune.py of sessions 29-33, another loop, is run again)
+    head = ({"template": a.template, "verbalizer": a.verbalizer, "runner": "finetune.py --task prompt"} if prompt
+            else {"pooling": a.pooling})
     return {"init": init, "subset_sha256": hashlib.sha256(subset.read_bytes()).hexdigest(), "dev": list(a.dev),
             "task": a.task, "seed": seed, "steps": steps, "lr": lr, "batch_size": a.batch_size,
             "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, **head}
@@ -362,8 +356,6 @@ def parse_args(argv=None):
     if {"random", "pretrained", "tapt", "prompt"} & set(arms) and not a.pretrained:
         p.error("--pretrained DIR is needed for the random, pretrained, tapt and prompt rows "
                 "(or drop them from --arms)")
-    if "prompt" in arms and len(a.dev) > 1:
-        p.error(f"--arms prompt: one --dev file (got {len(a.dev)}); the prompt row is judged on one")
     if "prompt" in arms and template_problem(a.template):    # refused now, not when the first prompt run starts
         p.error(template_problem(a.template))
     if a.pretrained and not (pathlib.Path(a.pretrained) / "config.json").is_file():
@@ -399,12 +391,16 @@ def main(argv=None):
     except (TaskDataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if "prompt" in a.arms.split(","):                  # refused now, not when the first prompt run starts
+        from data.tasks import label_classes
+        from finetuned import FinetuneError, cloze_ids
         from tokenizer import TokenizerError, load_tokenizer
         try:
-            tokenizer = load_tokenizer(a.pretrained)
+            cloze_ids(load_tokenizer(a.pretrained), a.template, a.verbalizer.split(","),
+                      label_classes("prompt", examples), a.train)
         except TokenizerError as e:
             sys.exit(f"error: --pretrained: {e}")
-        class_word_ids(tokenizer, a.verbalizer, sorted(set(examples.labels)), a.train)
+        except (FinetuneError, TaskDataError) as e:
+            sys.exit(f"error: {e}")
     total = len(examples.texts)
     counts = {s: total if s == "all" else min(int(s), total) for s in a.sizes}
     out = pathlib.Path(a.out)
@@ -491,8 +487,7 @@ def main(argv=None):
         if folder.exists():                 # a run of other settings: nothing of it is kept
             shutil.rmtree(folder)
         t0 = time.time()
-        m = (prompt_fine_tune if arm == PROMPT else fine_tune)(start, subsets[counts[size]], a.dev, seed, steps, lr,
-                                                                folder, a)
+        m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a, prompt=arm == PROMPT)
         write_json(folder / "run.json", settings)
         print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * dev_metrics(m)['accuracy']:.2f} % "
               f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)

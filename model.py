@@ -399,10 +399,13 @@ class LMHead(nn.Module):
         self.tok_embedding = [tok_embedding]    # a list, so the tied weight is owned (and saved) once
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, hidden, positions=None):
+    def forward(self, hidden, positions=None, vocab=None):
+        """vocab: the ids whose scores are wanted (a cloze's class words), else all V of them."""
         if positions is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1])[positions]     # (M, C): only the selected rows
         h = self.norm(F.gelu(self.dense(hidden)))
+        if vocab is not None:
+            return F.linear(h, self.tok_embedding[0].weight[vocab], self.bias[vocab])   # (..., K)
         return F.linear(h, self.tok_embedding[0].weight, self.bias)      # (..., V)
 
 
@@ -430,6 +433,30 @@ class LanguageModel(nn.Module):
         if targets is None:
             return logits
         return logits, cross_entropy(logits.reshape(targets.numel(), -1), targets.reshape(-1), reduction="sum")
+
+
+class ClozeClassifier(LanguageModel):
+    """Classification asked as a cloze (PET, Schick & Schuetze 2021; LM-BFF, Gao et al. 2021): each input holds
+    one [MASK] (the tokenizer's set_template puts the sentence into "{text} It was [MASK] ."), and the class
+    scores are the masked LM's scores of one word per class (the verbalizer) there:
+
+        s_c = LMHead(h_[MASK])[v_c]            v = (terrible, great): one vocabulary id per class
+
+    so the "classifier" is the pre-trained LM head and the tied embedding rows of those words; nothing starts
+    at random. The weights are a LanguageModel's, saved and loaded as one (BertForMaskedLM)."""
+
+    def __init__(self, cfg: EncoderConfig, mask_id: int, word_ids: list[int]):
+        super().__init__(cfg)
+        self.mask_id, self.num_labels = mask_id, len(word_ids)
+        self.register_buffer("word_ids", torch.tensor(word_ids, dtype=torch.long), persistent=False)   # (K,)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, embeddings=None):
+        B, T = input_ids.shape
+        at = (input_ids == self.mask_id).int().argmax(1)                  # (B,) each row's (first) [MASK]
+        rows = torch.arange(B, device=input_ids.device) * T + at          # flat indices into B*T
+        # only the [MASK] rows are read, so the last block and the head run on B rows
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, embeddings, rows=rows)   # (B, C)
+        return self.lm_head(hidden, vocab=self.word_ids)                  # (B, K)  [eq:cloze-scores]
 
 
 class ReplacedTokenDetection(nn.Module):

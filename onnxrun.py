@@ -51,9 +51,9 @@ class OnnxClassifier:
 
 def load_onnx(folder: str, runtime: str = "onnx", threads: int | None = None):
     """(OnnxClassifier, tokenizer, info) for a folder that export.py --onnx wrote."""
-    from finetuned import FinetuneError, read_info
-    from tokenizer import load_tokenizer
+    from finetuned import FinetuneError, folder_tokenizer, read_info
     path = os.path.join(folder, RUNTIMES[runtime])
     if not os.path.isfile(path):
         raise FinetuneError(f"{path}: not found (write it with: python export.py SRC --out {folder} --onnx)")
-    return OnnxClassifier(path, threads), load_tokenizer(folder), read_info(folder)
+    info = read_info(folder)
+    return OnnxClassifier(path, threads), folder_tokenizer(folder, info), info

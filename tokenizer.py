@@ -87,13 +87,42 @@ class Tokenizer:
         return [self.id_to_token(i) for i in self.encode(text)]
 
     # ---- model inputs ----
+    cloze = None    # (ids before the sentence, ids after it) of a cloze template: set_template
+
+    def set_template(self, template: str | None):
+        """From now on every text goes into a cloze template, "{text} It was [MASK] .", as a model fine-tuned
+        with --task prompt reads it: `[CLS] before x after [SEP]`. The sentence (never the template) is cut
+        to max_length, and a [MASK] typed in the sentence is dropped, so each row holds the template's one.
+        None: plain `[CLS] x [SEP]` again. Returns the tokenizer."""
+        if template is None:
+            self.cloze = None
+            return self
+        if template.count("{text}") != 1 or template.count(MASK) != 1:
+            raise TokenizerError(f"template {template!r}: expected {{text}} once and {MASK} once")
+        before, after = template.split("{text}")
+        self.cloze = (self.encode(before) if before.strip() else [], self.encode(after) if after.strip() else [])
+        return self
+
     def encode_pair_ids(self, a_ids, b_ids=None, max_length=None):
         """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` -> (input_ids, token_type_ids, special_tokens_mask).
 
         Type 0 covers [CLS], a and its [SEP]; type 1 covers b and the last [SEP]. With max_length,
         a and b are cut at the end, longest first, exactly as the reference BERT tokenizer does.
+        With a cloze template (set_template), a goes inside it and is cut alone; b is refused.
         """
         a_ids, b_ids = list(a_ids), (None if b_ids is None else list(b_ids))
+        if self.cloze is not None:
+            if b_ids is not None:
+                raise TokenizerError("a cloze template (--task prompt) takes one text per example, not a pair")
+            before, after = self.cloze
+            a_ids = [i for i in a_ids if i != self.mask_id]
+            if max_length is not None:
+                room = max_length - 2 - len(before) - len(after)
+                if room < 1:
+                    raise TokenizerError(f"max_length={max_length} leaves no room for the sentence beside the "
+                                         f"template's {len(before) + len(after)} tokens and [CLS] [SEP]")
+                a_ids = a_ids[:room]
+            a_ids = before + a_ids + after
         n_special = 2 if b_ids is None else 3
         if max_length is not None:
             budget = max_length - n_special

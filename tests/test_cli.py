@@ -42,7 +42,7 @@ def test_finetune_help_shows_the_defaults_and_its_description_once(capsys):
     text = capsys.readouterr().out
     assert text.count(finetune.__doc__.split("\n")[0]) == 1
     flat = " ".join(text.split())
-    for shown in ("--task {binary,multiclass,pair,regression,simcse,token,qa} what the labels are: see Tasks above "
+    for shown in ("--task {binary,multiclass,pair,regression,simcse,token,qa,prompt} what the labels are: see Tasks above "
                   "(default: binary; not with --tasks)", "--method", "(default: full)", "--adv-steps ADV_STEPS ascent steps of pgd / freelb (default: 3)",
                   "--out OUT output folder: checkpoint, exported model, metrics.jsonl (default: out/finetune)"):
         assert shown in flat, shown

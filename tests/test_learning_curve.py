@@ -79,7 +79,8 @@ def test_the_prompt_row_fine_tunes_the_cloze_on_the_same_subsets_and_is_rerun_wh
         assert [r["seed"] for r in runs[size]] == [1, 2] and all(r["steps"] == 3 for r in runs[size])
     one = out / "runs" / "pretrained_prompt" / "n20" / "seed1"
     metrics, settings = json.loads((one / "metrics.json").read_text()), json.loads((one / "run.json").read_text())
-    assert metrics["train_examples"] == 20 and metrics["settings"]["template"] == "{text} overall [MASK] ."
+    assert metrics["train_examples"] == 20 and metrics["task"] == "prompt" and metrics["steps"] == 3
+    assert json.loads((one / "labels.json").read_text())["template"] == "{text} overall [MASK] ."   # finetune.py's
     assert settings["verbalizer"] == "terrible,superb" and "pooling" not in settings
     # another template is another recipe: every prompt run again, none taken from the cache
     before = one.joinpath("metrics.json").stat().st_mtime_ns
@@ -106,7 +107,7 @@ def test_jobs_run_side_by_side_and_a_failure_keeps_the_runs_that_finished(tiny_i
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     lock, running, peak, started = threading.Lock(), [0], [0], []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, fail_seed=None):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, fail_seed=None):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -131,7 +132,7 @@ def test_jobs_run_side_by_side_and_a_failure_keeps_the_runs_that_finished(tiny_i
     assert table["pretrained"]["all"]["runs"] == pytest.approx([10, 20, 30, 40, 50, 60])    # in seed order
     # seed 2 fails: the runs beside it finish and are kept, no run waits for a slot after it, the curve stops
     started.clear()
-    monkeypatch.setattr(lc, "fine_tune", lambda *args: fake_fine_tune(*args, fail_seed=2))
+    monkeypatch.setattr(lc, "fine_tune", lambda *args, **kw: fake_fine_tune(*args, **kw, fail_seed=2))
     with pytest.raises(SystemExit, match="finetune.py ... failed"):
         lc.main(common + ["--out", str(tmp_path / "failed")])
     assert sorted(started) == [1, 2, 3]
@@ -144,7 +145,7 @@ def test_a_finished_run_is_reused_only_when_its_fine_tuning_settings_match(tiny_
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
         calls.append((seed, steps, lr))
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": steps / 100}}
@@ -172,7 +173,7 @@ def test_a_run_whose_settings_file_is_torn_is_run_again_not_a_traceback(tiny_ini
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
         calls.append(seed)
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": 0.5 + seed / 10}}
@@ -200,7 +201,7 @@ def test_a_sweep_reports_each_arms_best_recipe_and_what_it_picked(tiny_init, tmp
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
         calls.append((pathlib.Path(init).name, seed, steps, lr))
         pretrained = pathlib.Path(init) == tiny_init
         acc = steps / 100 + lr * 100 if pretrained else (10 - steps) / 100 + seed / 1000
@@ -231,7 +232,7 @@ def test_a_curve_widened_into_a_sweep_runs_only_the_recipes_it_adds(tiny_init, t
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
         calls.append((seed, lr))
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": lr * 1000 + seed / 100}}
@@ -261,8 +262,6 @@ def test_bad_arguments_are_one_line_each(tiny_init, tmp_path, capsys):
                            (["--arms", "bow", "--sizes", "ten"], "neither a positive count"),
                            (["--arms", "bow", "--min-steps", "300", "0"], "--min-steps 0: must be at least 1"),
                            (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive"),
-                           (["--arms", "prompt", "--pretrained", str(tiny_init), "--dev", str(dev), str(dev)],
-                            "--arms prompt: one --dev file (got 2)"),
                            (["--arms", "prompt", "--pretrained", str(tiny_init), "--template", "{text} no blank"],
                             "--template '{text} no blank': expected {text} once and [MASK] once")):
         with pytest.raises(SystemExit) as e:
@@ -313,7 +312,7 @@ def test_runs_are_matched_on_the_weights_they_start_from_not_on_the_folders_name
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
         calls.append(out.parent.parent.name)
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": 0.5}}
