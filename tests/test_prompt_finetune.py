@@ -79,6 +79,10 @@ def test_prompt_fine_tuning_learns_the_sample_from_chance_and_its_folder_predict
     texts, written = [r.split("\t")[0] for r in lines], np.array([[float(x) for x in r.split("\t")[3:5]] for r in lines])
     np.testing.assert_allclose(predict_proba(model, tok, texts, info=info), written, atol=1e-5)
     np.testing.assert_allclose(predict.Predictor([str(out)])(texts[:10]), written[:10], atol=1e-5)
+    # and explains it: integrated gradients over the template's words too, summing to f(x) - f(baseline)
+    from explain import explain
+    e = explain(model, tok, info, "a superb film", steps=20)
+    assert e.tokens[-4:] == ["overall", "[MASK]", ".", "[SEP]"] and abs(e.completeness_gap) <= 1e-3
 
 
 def test_prompt_folder_exports_to_onnx_with_its_template(tiny_init, tmp_path, capsys):
