@@ -5,7 +5,7 @@ serve.py read. Nothing here trains, so serving imports neither the training loop
                                                      aside) + tokenizer + labels.json (info) [+ peft.json/.safetensors]
                                                      that transformers' pipeline("text-classification") reads too
     model, tokenizer, info = load_finetuned(out)     the same model, in eval mode on the CPU (a prompt model's
-                                                     tokenizer set to its template: folder_tokenizer)
+                                                     tokenizer set to its template: cloze_ids)
     predict_proba(model, tokenizer, texts, pairs, info)   (N, K) probabilities, (N,) scores or (N, C) vectors
     tagged_entities(model, tokenizer, texts, info)         NER: entities with character offsets, per text
     answer_spans(model, tokenizer, questions, info)        QA: the best answer span in each context, its score
@@ -399,7 +399,7 @@ def load_finetuned(path):
     path = pathlib.Path(path)
     info = read_info(path)
     task, n = info["task"], info["num_outputs"]
-    tokenizer = folder_tokenizer(path, info)
+    tokenizer = load_tokenizer(path)                 # a prompt model's: set to its template by cloze_ids
     cloze = cloze_ids(tokenizer, info["template"], info["verbalizer"], info["labels"], path / "labels.json") \
         if task == "prompt" else None
     # a binary head is written as [0, z] for transformers (older folders: z); build_model folds it back
