@@ -49,7 +49,8 @@ class RunError(ValueError):
 
 def preflight(cfg: "TrainConfig"):
     """What can fail before the first step is checked before it: --out a writable folder, the TensorBoard
-    package when --tensorboard asks for it."""
+    package when --tensorboard asks for it, a --cooldown that fits --max-steps."""
+    schedule_steps(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise RunError(f"--out {cfg.out}: is a file, expected a folder (or a path to create one)")
     try:
@@ -193,15 +194,29 @@ def set_lr(opt, lr: float):
 
 
 def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str = "linear",
-          min_ratio: float = 0.0) -> float:
-    """Linear warm-up from 0, then linear or cosine decay to min_ratio * max_lr.  [eq:lr-schedule]"""
+          min_ratio: float = 0.0, cooldown: int = 0) -> float:
+    """Linear warm-up from 0, then linear or cosine decay to min_ratio * max_lr. "wsd" (warm-up, stable,
+    decay) holds the peak and decays linearly over the last `cooldown` steps only, so a run in its stable
+    phase can be trained longer, or cooled down early, without a step of its past having had another lr.
+    [eq:lr-schedule]"""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     if schedule == "constant":
         return max_lr
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    start = max(warmup, max_steps - cooldown) if schedule == "wsd" else warmup      # where the decay begins
+    progress = min(1.0, max(0.0, (step - start) / max(1, max_steps - start)))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return max_lr * (min_ratio + (1.0 - min_ratio) * decay)
+
+
+def schedule_steps(cfg: "TrainConfig") -> tuple[int, int]:
+    """(warm-up steps, cool-down steps) of --warmup and --cooldown: each a step count, or a fraction of
+    --max-steps when below 1."""
+    steps = lambda x: int(x * cfg.max_steps) if x < 1 else int(x)
+    if cfg.schedule == "wsd" and not (0 < cfg.cooldown < 1 or 1 <= cfg.cooldown <= cfg.max_steps):
+        raise RunError(f"--cooldown {cfg.cooldown}: expected a fraction of --max-steps in (0, 1) or a step "
+                       f"count from 1 to --max-steps ({cfg.max_steps})")
+    return steps(cfg.warmup), steps(cfg.cooldown) if cfg.schedule == "wsd" else 0
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -452,6 +467,8 @@ class Checkpointer:
         # the run's flags, for the record (what resuming reads is the rest of the checkpoint)
         self.record = {k: v for k, v in (record or vars(cfg)).items() if isinstance(v, (int, float, str, bool, type(None)))}
         self.fingerprint = {k: getattr(cfg, k) for k in self.LOOP_SETTINGS if getattr(cfg, k) is not None}
+        if cfg.schedule == "wsd":              # the cool-down decides the lr of future steps too
+            self.fingerprint["cooldown"] = cfg.cooldown
         self.fingerprint.update(fingerprint or {})
         self.allowed = {n.strip().replace("-", "_") for n in (cfg.allow_changed or "").split(",") if n.strip()}
         unknown = sorted(self.allowed - set(self.fingerprint))
@@ -619,7 +636,7 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
                           name=cfg.optimizer, lr_scales=lr_scales)
     scaler = torch.amp.GradScaler(dist_env.device.type, enabled=cfg.amp == "fp16")
     autocast = amp_context(cfg.amp, dist_env.device)
-    warmup = int(cfg.warmup * cfg.max_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    warmup, cooldown = schedule_steps(cfg)
     early = EarlyStopping(*(monitor or ()))
     ckpt = Checkpointer(cfg, par, opt, scaler, dist_env, extra_state, on_save, record=vars(config),
                         fingerprint=fingerprint)
@@ -644,7 +661,7 @@ def train(model, loss_fn, data, config, dist_env: Dist, eval_fn=None, on_save=No
     par.model.train()
     while step < cfg.max_steps:
         batches = [data.micro_batch(step, i * dist_env.data_world + dist_env.data_rank) for i in range(cfg.grad_accum)]
-        lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule)
+        lr = lr_at(step, cfg.lr, warmup, cfg.max_steps, cfg.schedule, cooldown=cooldown)
         with dist_env.collective("a training step (the gradient all-reduce)"):
             loss_sum, n_targets, grad_norm, overflow = train_step(par, opt, scaler, loss_fn, batches, lr, cfg.clip,
                                                                   autocast, dist_env)

@@ -246,6 +246,24 @@ def test_resume_is_exact(corpus, tmp_path, optimizer):
     assert straight["step"] == 20
 
 
+def test_wsd_run_trained_longer_in_its_stable_phase_equals_the_longer_run_from_the_start(corpus, tmp_path):
+    # a run planned for 12 steps (stable until step 6), paused at step 5, then given 20 (--allow-changed
+    # max_steps) is the 20-step run: same lrs, batches, masks and weights
+    common = ["--data", str(corpus / "data"), *TINY, "--eval-every", "0", "--save-every", "0", "--schedule", "wsd",
+              "--warmup", "3", "--cooldown", "6"]
+    pretrain.main([*common, "--max-steps", "20", "--out", str(tmp_path / "long")])
+    assert pretrain.main([*common, "--max-steps", "12", "--out", str(tmp_path / "grown"), "--stop-at-step", "5"])["preempted"]
+    res = run_cli([*common, "--max-steps", "20", "--out", str(tmp_path / "grown"), "--resume"])
+    assert res.returncode == 2 and "max_steps (saved: 12, now: 20)" in res.stderr    # only when asked for
+    pretrain.main([*common, "--max-steps", "20", "--out", str(tmp_path / "grown"), "--resume",
+                   "--allow-changed", "max_steps"])
+    a, b = params(tmp_path / "long"), params(tmp_path / "grown")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [r["lr"] for r in log_lines(tmp_path / "long") if "lr" in r]
+    assert len(lrs) == 20 and lrs == [r["lr"] for r in log_lines(tmp_path / "grown") if "lr" in r]
+    assert lrs[2:14] == pytest.approx([1e-3] * 12) and lrs[14:] == pytest.approx([1e-3 * (20 - s) / 6 for s in range(14, 20)])
+
+
 def test_half_written_checkpoint_never_replaces_the_last_good_one(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     pretrain.main(["--data", str(corpus / "data"), *TINY, "--max-steps", "3", "--out", str(out), "--eval-every", "0"])

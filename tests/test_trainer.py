@@ -33,6 +33,33 @@ def test_constant_schedule_holds_the_peak_after_warm_up():
     assert [trainer.lr_at(s, 3e-4, 2, 10, "constant") for s in (0, 1, 2, 9, 50)] == [1.5e-4, 3e-4, 3e-4, 3e-4, 3e-4]
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_cooldown_steps():
+    # warm-up 10, stable to step 90, cool-down 20: half the peak at 100, 0 at 110 and after
+    lrs = [trainer.lr_at(s, 1.0, 10, 110, "wsd", cooldown=20) for s in (0, 9, 10, 50, 89, 90, 100, 105, 110, 200)]
+    assert lrs == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+    assert trainer.lr_at(110, 1.0, 10, 110, "wsd", min_ratio=0.1, cooldown=20) == pytest.approx(0.1)
+
+
+def test_wsd_trained_longer_in_its_stable_phase_keeps_every_past_lr():
+    # the point of the stable phase: steps 0-59 have the same lr whether the run ends at 110 or at 500
+    short = [trainer.lr_at(s, 1.0, 10, 110, "wsd", cooldown=20) for s in range(90)]
+    assert short == [trainer.lr_at(s, 1.0, 10, 500, "wsd", cooldown=20) for s in range(90)]
+
+
+def test_wsd_with_a_cooldown_past_the_warm_up_is_the_linear_schedule():
+    assert all(trainer.lr_at(s, 1.0, 10, 110, "wsd", cooldown=500) == trainer.lr_at(s, 1.0, 10, 110)
+               for s in range(120))
+
+
+@pytest.mark.parametrize("cooldown", [0, -3, 200])
+def test_wsd_cooldown_that_does_not_fit_the_run_is_one_clear_error(cooldown, tmp_path):
+    cfg = trainer.TrainConfig(out=str(tmp_path / "o"), max_steps=100, schedule="wsd", cooldown=cooldown)
+    with pytest.raises(trainer.RunError, match=r"--cooldown .*: expected a fraction of --max-steps in \(0, 1\)"):
+        trainer.preflight(cfg)
+    assert not (tmp_path / "o").exists(), "refused before anything is written"
+    assert trainer.schedule_steps(trainer.TrainConfig(max_steps=100, schedule="wsd", cooldown=0.25)) == (6, 25)
+
+
 def test_no_warm_up_starts_at_the_peak():
     assert trainer.lr_at(0, 1.0, 0, 10) == 1.0
     assert trainer.lr_at(5, 1.0, 0, 10) == pytest.approx(0.5)
