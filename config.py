@@ -123,10 +123,11 @@ def add_prompt_args(parser, defaults: bool = True):
                              f"must be one token (default {VERBALIZER!r})")
 
 
-def template_problem(template: str) -> str | None:
-    """Why --template cannot be used (None when it can): the sentence and the [MASK] go in exactly once."""
+def template_problem(template: str, name: str = "--template") -> str | None:
+    """Why a cloze template cannot be used (None when it can): the sentence and the [MASK] go in exactly once.
+    The one check of it: finetune.py's and learning_curve.py's flags, and Tokenizer.set_template."""
     if template.count("{text}") != 1 or template.count("[MASK]") != 1:
-        return f"--template {template!r}: expected {{text}} once and [MASK] once"
+        return f"{name} {template!r}: expected {{text}} once and [MASK] once"
     return None
 SAMPLING = ("proportional", "temperature")          # multi-task: how a step picks its task (multitask.py)
 

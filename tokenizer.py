@@ -27,6 +27,7 @@ import unicodedata
 import torch
 
 from atomic import atomic_write, write_json, write_text
+from config import template_problem
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -97,8 +98,9 @@ class Tokenizer:
         if template is None:
             self.cloze = None
             return self
-        if template.count("{text}") != 1 or template.count(MASK) != 1:
-            raise TokenizerError(f"template {template!r}: expected {{text}} once and {MASK} once")
+        problem = template_problem(template, name="template")
+        if problem:
+            raise TokenizerError(problem)
         before, after = template.split("{text}")
         self.cloze = (self.encode(before) if before.strip() else [], self.encode(after) if after.strip() else [])
         return self
