@@ -497,7 +497,8 @@ class Checkpointer:
             return 0, 0
         path = self.path if resume == "auto" else resume
         ckpt = load_checkpoint(path)
-        differ = resume_differences(ckpt.get("fingerprint", {}), self.fingerprint, ckpt["step"], self.allowed)
+        saved = ckpt.get("fingerprint", {})
+        differ = resume_differences(saved, self.fingerprint, ckpt["step"], self.allowed)
         if differ:
             raise RunError(f"--resume {path}: another run than the one saved: {'; '.join(differ)} "
                            "(use the saved settings, another --out, or --allow-changed NAME,...)")
@@ -513,7 +514,9 @@ class Checkpointer:
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if main:
             _truncate_log(os.path.join(self.cfg.out, "metrics.jsonl"), ckpt["step"])
-            print(f"resumed from {path} at step {ckpt['step']}")
+            changed = resume_differences(saved, self.fingerprint, ckpt["step"], set())   # what --allow-changed let in
+            print(f"resumed from {path} at step {ckpt['step']}"
+                  + (f"; changed by --allow-changed: {'; '.join(changed)}" if changed else ""))
         return ckpt["step"], ckpt.get("skipped", 0)
 
     def save(self, step: int, skipped: int, early: EarlyStopping):

@@ -246,7 +246,7 @@ def test_resume_is_exact(corpus, tmp_path, optimizer):
     assert straight["step"] == 20
 
 
-def test_wsd_run_trained_longer_in_its_stable_phase_equals_the_longer_run_from_the_start(corpus, tmp_path):
+def test_wsd_run_trained_longer_in_its_stable_phase_equals_the_longer_run_from_the_start(corpus, tmp_path, capsys):
     # a run planned for 12 steps (stable until step 6), paused at step 5, then given 20 (--allow-changed
     # max_steps) is the 20-step run: same lrs, batches, masks and weights
     common = ["--data", str(corpus / "data"), *TINY, "--eval-every", "0", "--save-every", "0", "--schedule", "wsd",
@@ -255,8 +255,10 @@ def test_wsd_run_trained_longer_in_its_stable_phase_equals_the_longer_run_from_t
     assert pretrain.main([*common, "--max-steps", "12", "--out", str(tmp_path / "grown"), "--stop-at-step", "5"])["preempted"]
     res = run_cli([*common, "--max-steps", "20", "--out", str(tmp_path / "grown"), "--resume"])
     assert res.returncode == 2 and "max_steps (saved: 12, now: 20)" in res.stderr    # only when asked for
+    capsys.readouterr()
     pretrain.main([*common, "--max-steps", "20", "--out", str(tmp_path / "grown"), "--resume",
                    "--allow-changed", "max_steps"])
+    assert "at step 5; changed by --allow-changed: max_steps (saved: 12, now: 20)" in capsys.readouterr().out
     a, b = params(tmp_path / "long"), params(tmp_path / "grown")
     assert all(torch.equal(a[k], b[k]) for k in a)
     lrs = [r["lr"] for r in log_lines(tmp_path / "long") if "lr" in r]
