@@ -58,9 +58,10 @@ class TrainConfig:
     optimizer: str = flag("adamw", "adafactor (optim.py): factored second moments, no first moment; --lr is then "
                           "the cap on its relative step (the paper's 1e-2)", choices=["adamw", "adafactor"])
     warmup: float = flag(0.06, "warm-up steps, or a fraction of --max-steps if < 1", type=float)
-    schedule: str = flag("linear", "decay after warm-up (wsd: hold the peak, decay over the last --cooldown steps)",
-                         choices=["linear", "cosine", "constant", "wsd"])
-    cooldown: float = flag(0.2, "--schedule wsd: steps of the final linear decay, or a fraction of --max-steps if < 1",
+    schedule: str = flag("linear", "decay after warm-up (wsd: hold the peak, decay linearly over the last --cooldown "
+                         "steps; wsd-sqrt: the same with a 1 - sqrt decay)",
+                         choices=["linear", "cosine", "constant", "wsd", "wsd-sqrt"])
+    cooldown: float = flag(0.2, "--schedule wsd/wsd-sqrt: steps of the final decay, or a fraction of --max-steps if < 1",
                            type=float)
     clip: float = flag(1.0, "clip the global gradient norm (0: off)", type=float)
     amp: str = flag("none", "mixed precision", choices=["none", "bf16", "fp16"])

@@ -196,27 +196,33 @@ def set_lr(opt, lr: float):
 def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str = "linear",
           min_ratio: float = 0.0, cooldown: int = 0) -> float:
     """Linear warm-up from 0, then linear or cosine decay to min_ratio * max_lr. "wsd" (warm-up, stable,
-    decay) holds the peak and decays linearly over the last `cooldown` steps only, so a run in its stable
-    phase can be trained longer, or cooled down early, without a step of its past having had another lr.
-    [eq:lr-schedule]"""
+    decay) holds the peak and decays over the last `cooldown` steps only, so a run in its stable phase can be
+    trained longer, or cooled down early, without a step of its past having had another lr; "wsd" decays
+    linearly, "wsd-sqrt" as 1 - sqrt(progress), which leaves the high rates sooner. [eq:lr-schedule]"""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     if schedule == "constant":
         return max_lr
-    start = max(warmup, max_steps - cooldown) if schedule == "wsd" else warmup      # where the decay begins
+    start = max(warmup, max_steps - cooldown) if is_wsd(schedule) else warmup     # where the decay begins
     progress = min(1.0, max(0.0, (step - start) / max(1, max_steps - start)))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    decay = {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+             "wsd-sqrt": 1.0 - math.sqrt(progress)}.get(schedule, 1.0 - progress)
     return max_lr * (min_ratio + (1.0 - min_ratio) * decay)
+
+
+def is_wsd(schedule: str) -> bool:
+    """Schedules that hold the peak until a final --cooldown."""
+    return schedule in ("wsd", "wsd-sqrt")
 
 
 def schedule_steps(cfg: "TrainConfig") -> tuple[int, int]:
     """(warm-up steps, cool-down steps) of --warmup and --cooldown: each a step count, or a fraction of
     --max-steps when below 1."""
     steps = lambda x: int(x * cfg.max_steps) if x < 1 else int(x)
-    if cfg.schedule == "wsd" and not (0 < cfg.cooldown < 1 or 1 <= cfg.cooldown <= cfg.max_steps):
+    if is_wsd(cfg.schedule) and not (0 < cfg.cooldown < 1 or 1 <= cfg.cooldown <= cfg.max_steps):
         raise RunError(f"--cooldown {cfg.cooldown}: expected a fraction of --max-steps in (0, 1) or a step "
                        f"count from 1 to --max-steps ({cfg.max_steps})")
-    return steps(cfg.warmup), steps(cfg.cooldown) if cfg.schedule == "wsd" else 0
+    return steps(cfg.warmup), steps(cfg.cooldown) if is_wsd(cfg.schedule) else 0
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -467,7 +473,7 @@ class Checkpointer:
         # the run's flags, for the record (what resuming reads is the rest of the checkpoint)
         self.record = {k: v for k, v in (record or vars(cfg)).items() if isinstance(v, (int, float, str, bool, type(None)))}
         self.fingerprint = {k: getattr(cfg, k) for k in self.LOOP_SETTINGS if getattr(cfg, k) is not None}
-        if cfg.schedule == "wsd":              # the cool-down decides the lr of future steps too
+        if is_wsd(cfg.schedule):               # the cool-down decides the lr of future steps too
             self.fingerprint["cooldown"] = cfg.cooldown
         self.fingerprint.update(fingerprint or {})
         self.allowed = {n.strip().replace("-", "_") for n in (cfg.allow_changed or "").split(",") if n.strip()}

@@ -46,6 +46,16 @@ def test_wsd_trained_longer_in_its_stable_phase_keeps_every_past_lr():
     assert short == [trainer.lr_at(s, 1.0, 10, 500, "wsd", cooldown=20) for s in range(90)]
 
 
+def test_wsd_sqrt_cools_down_as_one_minus_the_square_root_of_the_progress():
+    # the same stable phase as wsd; a quarter of the way into the cool-down the rate is already 1 - 1/2
+    lrs = [trainer.lr_at(s, 1.0, 10, 110, "wsd-sqrt", cooldown=20) for s in (9, 89, 90, 95, 100, 110)]
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 1 - 0.5 ** 0.5, 0.0])
+    wsd, sqrt = ([trainer.lr_at(s, 1.0, 10, 110, name, cooldown=20) for s in range(120)] for name in ("wsd", "wsd-sqrt"))
+    assert sqrt[:91] == wsd[:91], "until the cool-down the two are one schedule: a run may switch while stable"
+    assert all(b <= a for a, b in zip(wsd, sqrt))
+    assert trainer.schedule_steps(trainer.TrainConfig(max_steps=100, schedule="wsd-sqrt", cooldown=0.25)) == (6, 25)
+
+
 def test_wsd_with_a_cooldown_past_the_warm_up_is_the_linear_schedule():
     assert all(trainer.lr_at(s, 1.0, 10, 110, "wsd", cooldown=500) == trainer.lr_at(s, 1.0, 10, 110)
                for s in range(120))
