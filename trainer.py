@@ -205,8 +205,12 @@ def lr_at(step: int, max_lr: float, warmup: int, max_steps: int, schedule: str =
         return max_lr
     start = max(warmup, max_steps - cooldown) if is_wsd(schedule) else warmup     # where the decay begins
     progress = min(1.0, max(0.0, (step - start) / max(1, max_steps - start)))
-    decay = {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
-             "wsd-sqrt": 1.0 - math.sqrt(progress)}.get(schedule, 1.0 - progress)
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "wsd-sqrt":
+        decay = 1.0 - math.sqrt(progress)
+    else:                                                                           # linear, wsd
+        decay = 1.0 - progress
     return max_lr * (min_ratio + (1.0 - min_ratio) * decay)
 
 
