@@ -23,12 +23,13 @@ checkpoint of the same architecture are the same draws, so a copy of an older cu
 fine-tunes side by side (on a GPU, where one small model leaves it mostly idle). Writes curve.json,
 curve.png and prints the table.
 
-Several --lr or --min-steps values make a small sweep, as papers tune fine-tuning per model: every arm runs
-every (learning rate, step budget) and each cell of the table is that arm's best median there, with what it
-picked. Both are picked on the dev set the table reports, so every arm's number is optimistic alike; the
-reason to sweep is that one recipe can suit one arm and hurt another (a long fine-tune lifts a pre-trained
-encoder and lets a random one memorise a small subset). A sweep over the --out of a one-recipe curve reuses
-that curve's runs and runs only the recipes it adds.
+Several --lr, --min-steps or --layer-decay values make a small sweep, as papers tune fine-tuning per model:
+every arm runs every (learning rate, step budget, layer-wise lr decay) and each cell of the table is that
+arm's best median there, with what it picked. All are picked on the dev set the table reports, so every
+arm's number is optimistic alike; the reason to sweep is that one recipe can suit one arm and hurt another
+(a long fine-tune lifts a pre-trained encoder and lets a random one memorise a small subset; a layer decay
+keeps what the lower layers learned in pre-training, which random weights do not have). A sweep over the
+--out of a one-recipe curve reuses that curve's runs and runs only the recipes it adds.
 """
 from __future__ import annotations
 
@@ -61,12 +62,14 @@ def fine_tune_steps(n: int, batch_size: int, epochs: float, min_steps: int, max_
 
 
 def fine_tune(init: str, train: pathlib.Path, dev: list[str], seed: int, steps: int, lr: float, out: pathlib.Path,
-              a, prompt: bool = False) -> dict:
+              a, prompt: bool = False, layer_decay: float = 1.0) -> dict:
     """One finetune.py run with the curve's recipe; prompt: the same recipe, the task asked as a cloze and
-    scored by the LM head (--task prompt with --template and --verbalizer) instead of a --pooling head."""
+    scored by the LM head (--task prompt with --template and --verbalizer) instead of a --pooling head.
+    layer_decay < 1: finetune.py's layer-wise lr decay (docs/finetuning.md)."""
     head = (["--task", "prompt", "--template", a.template, "--verbalizer", a.verbalizer] if prompt
             else ["--task", a.task, "--pooling", a.pooling])
-    cmd = [sys.executable, str(ROOT / "finetune.py"), *head, "--init", init, "--train", str(train),
+    decay = ["--layer-decay", str(layer_decay)] if layer_decay != 1 else []
+    cmd = [sys.executable, str(ROOT / "finetune.py"), *head, *decay, "--init", init, "--train", str(train),
            "--dev", *dev, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
            "--batch-size", str(a.batch_size), "--dropout", str(a.dropout), "--warmup", str(a.warmup),
            "--clip", str(a.clip), "--select", "last", "--eval-every", "0", "--save-every", "0", "--no-progress", "--out", str(out)]
@@ -81,25 +84,35 @@ def dev_metrics(m: dict) -> dict:
     return m.get("dev", m)
 
 
-def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a, prompt: bool = False) -> dict:
+def run_settings(init: str, subset: pathlib.Path, seed: int, steps: int, lr: float, a, prompt: bool = False,
+                 layer_decay: float = 1.0) -> dict:
     """Everything that makes one fine-tune what it is. A finished run under --out/runs is reused only when all
     of it matches: otherwise a run of another recipe (another --max-steps, --lr, subset ...) would stand in
-    for this one with nothing to say so. A prompt run has no pooling; its template and verbalizer instead."""
+    for this one with nothing to say so. A prompt run has no pooling; its template and verbalizer instead.
+    The layer decay is named only when it is on, so the runs of curves made before --layer-decay are reused."""
     # (a prompt run made by the scripts/prompt_finetune.py of sessions 29-33, another loop, is run again)
     head = ({"template": a.template, "verbalizer": a.verbalizer, "runner": "finetune.py --task prompt"} if prompt
             else {"pooling": a.pooling})
     return {"init": init, "subset_sha256": hashlib.sha256(subset.read_bytes()).hexdigest(), "dev": list(a.dev),
             "task": a.task, "seed": seed, "steps": steps, "lr": lr, "batch_size": a.batch_size,
-            "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, **head}
+            "dropout": a.dropout, "warmup": a.warmup, "clip": a.clip, **head,
+            **({"layer_decay": layer_decay} if layer_decay != 1 else {})}
+
+
+def run_record(seed: int, recipe: tuple, m: dict) -> dict:
+    """What curve.json keeps of one finished fine-tune besides its accuracy (the decay only when it was on)."""
+    lr, steps, layer_decay = recipe
+    return {"seed": seed, "steps": steps, "lr": lr, "mcc": dev_metrics(m).get("mcc"),
+            **({"layer_decay": layer_decay} if layer_decay != 1 else {})}
 
 
 def run_folder(out: pathlib.Path, arm: str, n: int, seed: int, recipe: tuple | None = None) -> pathlib.Path:
-    """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S> level when several recipes
-    (a sweep) are run, so each recipe's runs are kept and reused apart."""
+    """Where one fine-tune lives: runs/<arm>/n<N>/seed<k>, with a lr<lr>-steps<S>[-decay<ξ>] level when several
+    recipes (lr, steps, layer decay) (a sweep) are run, so each recipe's runs are kept and reused apart."""
     folder = out / "runs" / arm.replace(" ", "").replace("+", "_").replace(",", "_") / f"n{n}"
     if recipe is not None:
-        lr, steps = recipe
-        folder = folder / f"lr{lr:g}-steps{steps}"
+        lr, steps, layer_decay = recipe
+        folder = folder / (f"lr{lr:g}-steps{steps}" + (f"-decay{layer_decay:g}" if layer_decay != 1 else ""))
     return folder / f"seed{seed}"
 
 
@@ -240,21 +253,25 @@ def random_copy(pretrained: str, seed: int, folder: pathlib.Path) -> str:
 
 
 def summarise(results: dict, arms: list[str], sizes: list) -> dict:
-    """{arm: {N: {"median", "min", "max", "runs", "lr", "steps"}}} of dev accuracy (in %). With a sweep, each
-    arm and N keep the (lr, steps) whose median is best (the first of a tie) and every candidate's median."""
+    """{arm: {N: {"median", "min", "max", "runs", "lr", "steps", "layer_decay"}}} of dev accuracy (in %). With a
+    sweep, each arm and N keep the (lr, steps, layer decay) whose median is best (the first of a tie) and every
+    candidate's median."""
     table = {}
     for arm in arms:
         table[arm] = {}
         for n in sizes:
             by_recipe = {}
             for r in results.get(arm, {}).get(str(n), []):
-                by_recipe.setdefault((r.get("lr"), r.get("steps")), []).append(100 * r["accuracy"])
+                recipe = (r.get("lr"), r.get("steps"), r.get("layer_decay", 1.0))
+                by_recipe.setdefault(recipe, []).append(100 * r["accuracy"])
             cells = [{"median": statistics.median(accs), "min": min(accs), "max": max(accs), "runs": accs,
-                      "lr": lr, "steps": steps} for (lr, steps), accs in by_recipe.items()]
+                      "lr": lr, "steps": steps, "layer_decay": decay}
+                     for (lr, steps, decay), accs in by_recipe.items()]
             if cells:
                 best = max(cells, key=lambda c: c["median"])        # max keeps the first of equal medians
                 if len(cells) > 1:
-                    best = {**best, "candidates": [{k: c[k] for k in ("lr", "steps", "median")} for c in cells]}
+                    best = {**best, "candidates": [{k: c[k] for k in ("lr", "steps", "layer_decay", "median")}
+                                                   for c in cells]}
                 table[arm][str(n)] = best
     return table
 
@@ -270,9 +287,15 @@ def format_curve(table: dict, sizes: list, labels: dict) -> str:
                          if len(c["runs"]) > 1 else f"{c['median']:.2f}".rjust(21))
         lines.append(f"{arm:20}" + "".join(cells))
     if any("candidates" in c for row in table.values() for c in row.values()):
-        lines += ["", "the fine-tuning each cell picked (best median on the dev set), lr / steps"]
+        decays = any(k.get("layer_decay", 1) != 1 for row in table.values() for c in row.values()
+                     for k in c.get("candidates", []))
+        lines += ["", "the fine-tuning each cell picked (best median on the dev set), lr / steps"
+                  + (" / layer decay" if decays else "")]
+
+        def picked(c):
+            return (f"{c['lr']:g} / {c['steps']}" + (f" / {c.get('layer_decay', 1):g}" if decays else ""))
         for arm, row in table.items():
-            cells = [("-" if row.get(str(n), {}).get("lr") is None else f"{row[str(n)]['lr']:g} / {row[str(n)]['steps']}")
+            cells = [("-" if row.get(str(n), {}).get("lr") is None else picked(row[str(n)]))
                      for n in sizes]           # bow: convex, nothing to pick
             lines.append(f"{arm:20}" + "".join(c.rjust(21) for c in cells))
     return "\n".join(lines)
@@ -341,6 +364,8 @@ def parse_args(argv=None):
                    "of the README's curve, so it is fixed here rather than taken from finetune.py's default")
     g.add_argument("--dropout", type=float, default=0.1, help="fine-tuning dropout (pre-training may have used 0)")
     g.add_argument("--pooling", choices=["cls", "mean"], default="cls", help="the classifier's sentence vector")
+    g.add_argument("--layer-decay", type=float, nargs="+", default=[1.0], metavar="XI",
+                   help="finetune.py's layer-wise lr decay (1: off; several: part of the sweep)")
     g = p.add_argument_group("prompt-based fine-tuning (the prompt row)")
     add_prompt_args(g)
     g = p.add_argument_group("task-adaptive pre-training")
@@ -372,6 +397,9 @@ def parse_args(argv=None):
     for lr in a.lr:
         if not lr > 0:
             p.error(f"--lr {lr}: must be positive")
+    for xi in a.layer_decay:
+        if not 0 < xi <= 1:
+            p.error(f"--layer-decay {xi}: expected a factor in (0, 1] (1: no decay)")
     for s in a.sizes:
         if s != "all" and (not s.isdigit() or int(s) < 1):
             p.error(f"--sizes: {s!r} is neither a positive count nor 'all'")
@@ -430,7 +458,7 @@ def main(argv=None):
     order = [arm for arm, *_ in runs] + (["bow"] if "bow" in arms else [])
 
     def record(arm, size, metrics_, extra):
-        key = lambda r: (r.get("lr") or 0, r.get("steps") or 0, r["seed"])
+        key = lambda r: (r.get("lr") or 0, r.get("steps") or 0, r.get("layer_decay", 1.0), r["seed"])
         results.setdefault(arm, {}).setdefault(str(size), [])
         results[arm][str(size)] = [r for r in results[arm][str(size)] if key(r) != key(extra)]
         results[arm][str(size)].append({"accuracy": dev_metrics(metrics_)["accuracy"],
@@ -443,8 +471,8 @@ def main(argv=None):
         write_json(out / "curve.json", {"sizes": counts, "recipe": {k: v for k, v in vars(a).items()},
                                         "table": table, "runs": results})
 
-    pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, steps, lr, settings)
-    sweep = len(a.lr) * len(a.min_steps) > 1
+    pending = []        # the fine-tunes not finished yet: (arm, size, seed, folder, start, recipe, settings)
+    sweep = len(a.lr) * len(a.min_steps) * len(a.layer_decay) > 1
     for size in a.sizes:
         n = counts[size]
         if "bow" in arms:
@@ -459,17 +487,18 @@ def main(argv=None):
         budgets = sorted({fine_tune_steps(n, a.batch_size, a.epochs, m, a.max_steps) for m in a.min_steps})
         for seed in range(1, a.seeds + 1):
             for arm, init, lrs, weights in runs:
-                for lr, steps in [(lr, steps) for lr in lrs for steps in budgets]:
-                    folder = run_folder(out, arm, n, seed, (lr, steps) if sweep else None)
-                    settings = run_settings(weights, subsets[n], seed, steps, lr, a, prompt=arm == PROMPT)
+                for recipe in [(lr, steps, xi) for lr in lrs for steps in budgets for xi in a.layer_decay]:
+                    lr, steps, xi = recipe
+                    folder = run_folder(out, arm, n, seed, recipe if sweep else None)
+                    settings = run_settings(weights, subsets[n], seed, steps, lr, a, prompt=arm == PROMPT,
+                                            layer_decay=xi)
                     # a curve later widened into a sweep (or a sweep narrowed to one recipe) finds its runs in
                     # the other layout: reused when they match, so a sweep only runs the recipes it adds
-                    other = run_folder(out, arm, n, seed, None if sweep else (lr, steps))
+                    other = run_folder(out, arm, n, seed, None if sweep else recipe)
                     found = next((f for f in (folder, other) if finished_with(f, settings)), None)
                     if found is not None:
                         m = json.loads((found / "metrics.json").read_text())
-                        record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr,
-                                              "mcc": dev_metrics(m).get("mcc")})
+                        record(arm, size, m, run_record(seed, recipe, m))
                         continue
                     if (folder / "metrics.json").is_file():
                         made_with = saved_settings(folder / "run.json")
@@ -480,17 +509,19 @@ def main(argv=None):
                         print(f"{folder}: {why}: " + ("left out" if a.collect_only else "run again"))
                     if not a.collect_only:
                         start = random_copy(a.pretrained, seed, out / "random") if arm == "random" else init
-                        pending.append((arm, size, seed, folder, start, steps, lr, settings))
+                        pending.append((arm, size, seed, folder, start, recipe, settings))
 
     def fine_tune_one(job):
-        arm, size, seed, folder, start, steps, lr, settings = job
+        arm, size, seed, folder, start, (lr, steps, xi), settings = job
         if folder.exists():                 # a run of other settings: nothing of it is kept
             shutil.rmtree(folder)
         t0 = time.time()
-        m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a, prompt=arm == PROMPT)
+        m = fine_tune(start, subsets[counts[size]], a.dev, seed, steps, lr, folder, a, prompt=arm == PROMPT,
+                      layer_decay=xi)
         write_json(folder / "run.json", settings)
         print(f"{arm:20} N={counts[size]:<6} seed {seed}: {100 * dev_metrics(m)['accuracy']:.2f} % "
-              f"({f'lr {lr:g}, ' if sweep else ''}{steps} steps, {time.time() - t0:.0f} s)", flush=True)
+              f"({f'lr {lr:g}, ' if sweep else ''}{f'layer decay {xi:g}, ' if xi != 1 else ''}{steps} steps, "
+              f"{time.time() - t0:.0f} s)", flush=True)
         for big in ("model.safetensors", "checkpoint.pt"):     # keep the numbers, not the weights
             (folder / big).unlink(missing_ok=True)
         return m
@@ -505,13 +536,13 @@ def main(argv=None):
                 running[pool.submit(fine_tune_one, job)] = job
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                arm, size, seed, _, _, steps, lr, _ = running.pop(future)
+                arm, size, seed, _, _, recipe, _ = running.pop(future)
                 try:
                     m = future.result()
                 except (SystemExit, Exception) as e:          # run_logged exits with the run's last lines
                     failure = failure or e
                     continue
-                record(arm, size, m, {"seed": seed, "steps": steps, "lr": lr, "mcc": dev_metrics(m).get("mcc")})
+                record(arm, size, m, run_record(seed, recipe, m))
     if failure is not None:
         raise failure
     table = summarise(results, order, a.sizes)

@@ -107,7 +107,7 @@ def test_jobs_run_side_by_side_and_a_failure_keeps_the_runs_that_finished(tiny_i
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     lock, running, peak, started = threading.Lock(), [0], [0], []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, fail_seed=None):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0, fail_seed=None):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -145,7 +145,7 @@ def test_a_finished_run_is_reused_only_when_its_fine_tuning_settings_match(tiny_
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0):
         calls.append((seed, steps, lr))
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": steps / 100}}
@@ -173,7 +173,7 @@ def test_a_run_whose_settings_file_is_torn_is_run_again_not_a_traceback(tiny_ini
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0):
         calls.append(seed)
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": 0.5 + seed / 10}}
@@ -201,7 +201,7 @@ def test_a_sweep_reports_each_arms_best_recipe_and_what_it_picked(tiny_init, tmp
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0):
         calls.append((pathlib.Path(init).name, seed, steps, lr))
         pretrained = pathlib.Path(init) == tiny_init
         acc = steps / 100 + lr * 100 if pretrained else (10 - steps) / 100 + seed / 1000
@@ -232,7 +232,7 @@ def test_a_curve_widened_into_a_sweep_runs_only_the_recipes_it_adds(tiny_init, t
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0):
         calls.append((seed, lr))
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": lr * 1000 + seed / 100}}
@@ -254,6 +254,44 @@ def test_a_curve_widened_into_a_sweep_runs_only_the_recipes_it_adds(tiny_init, t
     assert len(calls) == 6
 
 
+
+def test_a_layer_decay_sweep_runs_finetune_with_it_and_reuses_the_runs_made_without_it(tiny_init, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--layer-decay 1 0.8 over the --out of a curve made without it: only the 0.8 runs are made, each as a
+    finetune.py --layer-decay 0.8 run in a folder of its own; the table picks per arm and says which decay."""
+    train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
+    commands = []
+
+    def fake_run_logged(cmd, out, result, threads=None):     # finetune.py as the curve calls it, not run
+        commands.append(cmd)
+        decay = float(cmd[cmd.index("--layer-decay") + 1]) if "--layer-decay" in cmd else 1.0
+        pretrained = pathlib.Path(cmd[cmd.index("--init") + 1]) == tiny_init
+        m = {"dev": {"accuracy": (1.5 - decay if pretrained else decay / 2) + int(cmd[cmd.index("--seed") + 1]) / 100}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(m))
+        return m
+    monkeypatch.setattr(lc, "run_logged", fake_run_logged)
+    base = ["--train", str(train), "--dev", str(dev), "--pretrained", str(tiny_init), "--arms", "random,pretrained",
+            "--sizes", "all", "--seeds", "2", "--epochs", "1", "--min-steps", "2", "--max-steps", "2",
+            "--out", str(tmp_path / "curve")]
+    lc.main(base)
+    assert len(commands) == 4 and not any("--layer-decay" in c for c in commands)
+    table = lc.main(base + ["--layer-decay", "1", "0.8"])
+    assert len(commands) == 8, "the runs without a decay are reused; only the 0.8 ones run"
+    assert all(c[c.index("--layer-decay") + 1] == "0.8" for c in commands[4:])
+    pre, rnd = table["pretrained"]["all"], table["random"]["all"]
+    assert pre["layer_decay"] == 0.8 and pre["median"] == pytest.approx(100 * (0.7 + 0.015))
+    assert rnd["layer_decay"] == 1.0 and rnd["median"] == pytest.approx(100 * (0.5 + 0.015))
+    assert sorted(c["layer_decay"] for c in pre["candidates"]) == [0.8, 1.0]
+    runs = tmp_path / "curve" / "runs" / "pretrained" / "n60"
+    assert lc.saved_settings(runs / "lr0.0001-steps2-decay0.8" / "seed1" / "run.json")["layer_decay"] == 0.8
+    assert "layer_decay" not in lc.saved_settings(runs / "seed1" / "run.json")   # the curve's first runs, as made
+    out = capsys.readouterr().out
+    assert "lr / steps / layer decay" in out and "0.0001 / 2 / 0.8" in out and "0.0001 / 2 / 1" in out
+    saved = json.loads((tmp_path / "curve" / "curve.json").read_text())["runs"]["pretrained"]["all"]
+    assert sorted(r.get("layer_decay", 1.0) for r in saved) == [0.8, 0.8, 1.0, 1.0]
+    assert lc.main(base + ["--layer-decay", "1", "0.8"]) == table and len(commands) == 8    # all reused
+
 def test_bad_arguments_are_one_line_each(tiny_init, tmp_path, capsys):
     train, dev = write_sample_binary(tmp_path / "data", n_train=20, n_dev=10)
     for argv, expected in ((["--arms", "random"], "--pretrained DIR is needed"),
@@ -262,6 +300,7 @@ def test_bad_arguments_are_one_line_each(tiny_init, tmp_path, capsys):
                            (["--arms", "bow", "--sizes", "ten"], "neither a positive count"),
                            (["--arms", "bow", "--min-steps", "300", "0"], "--min-steps 0: must be at least 1"),
                            (["--arms", "bow", "--lr", "3e-4", "0"], "--lr 0.0: must be positive"),
+                           (["--arms", "bow", "--layer-decay", "1", "1.5"], "--layer-decay 1.5: expected a factor in (0, 1]"),
                            (["--arms", "prompt", "--pretrained", str(tiny_init), "--template", "{text} no blank"],
                             "--template '{text} no blank': expected {text} once and [MASK] once")):
         with pytest.raises(SystemExit) as e:
@@ -312,7 +351,7 @@ def test_runs_are_matched_on_the_weights_they_start_from_not_on_the_folders_name
     train, dev = write_sample_binary(tmp_path / "data", n_train=60, n_dev=30)
     calls = []
 
-    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False):
+    def fake_fine_tune(init, subset, dev_files, seed, steps, lr, out, a, prompt=False, layer_decay=1.0):
         calls.append(out.parent.parent.name)
         out.mkdir(parents=True, exist_ok=True)
         m = {"dev": {"accuracy": 0.5}}
