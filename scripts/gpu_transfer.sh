@@ -7,7 +7,7 @@
 #   3. pretrain.py, the small-budget recipe with a GPU's batch: pre-LN with the embedding LayerNorm, no
 #      dropout, 25 % masking, $BATCH windows a step, peak lr $LR, 6 % warm-up, bf16 ($OUT/mlm)
 #   4. learning_curve.py: random init, that model, + TAPT on the task's own text, that model fine-tuned as a
-#      cloze ($TEMPLATE, $VERBALIZER: scripts/prompt_finetune.py), bag-of-words, on nested subsets of $TRAIN,
+#      cloze ($TEMPLATE, $VERBALIZER: finetune.py --task prompt), bag-of-words, on nested subsets of $TRAIN,
 #      $SEEDS seeds, $JOBS fine-tunes side by side ($OUT/curve: table, curve.png/json; $ARMS picks the rows)
 #
 #   MINUTES=6 bash scripts/gpu_transfer.sh [OUT]          # default out/gpu-transfer
